@@ -1,0 +1,30 @@
+# The two commands a new user runs: `make train` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup train test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e '.[dev]'
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(BIN)/mtv-make-synthetic --out runs/synthetic_preview --num 16 --height 128 --width 160
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check mtvision tools tests benchmarks datasets
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_synthetic.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

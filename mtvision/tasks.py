@@ -1,0 +1,285 @@
+"""The task registry: one `Task` record per dense-prediction task.
+
+Everything task-specific (head channels, loss, decoding, colours, what counts as ignored, how a
+target behaves under flips, scaling and padding, which metric judges it) lives in its record, so
+the rest of the code looks behaviour up here instead of branching on task names.  Adding a task
+means adding one record to `TASKS`.
+
+Target layouts in a batch (see DESIGN.md, Sample contract):
+    semseg, parts: int64 N x H x W, 255 = ignore
+    depth:         float32 N x 1 x H x W metres, 0 = invalid
+    normals:       float32 N x 3 x H x W unit vectors, zero vector = invalid
+    edge:          float32 N x 1 x H x W in {0, 1}, 255 = ignore
+    saliency:      float32 N x 1 x H x W in {0, 1}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mtvision import visualize
+from mtvision.errors import unknown_name
+
+IGNORE_INDEX = 255
+EDGE_POS_WEIGHT = 0.95
+
+
+# ---------------------------------------------------------------- losses
+def segmentation_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """Cross-entropy over classes, ignoring label 255."""
+    if not bool((target != IGNORE_INDEX).any()):
+        return pred.sum() * 0.0
+    return F.cross_entropy(pred, target.long(), ignore_index=IGNORE_INDEX)
+
+
+def depth_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """L1 over pixels with valid depth (target > 0)."""
+    valid = target > 0
+    if not bool(valid.any()):
+        return pred.sum() * 0.0
+    return (pred[valid] - target[valid]).abs().mean()
+
+
+def normals_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """Mean of 1 - cos(angle) between L2-normalised prediction and gt, over pixels with non-zero gt."""
+    valid = target.abs().sum(dim=1) > 0
+    if not bool(valid.any()):
+        return pred.sum() * 0.0
+    cos = (F.normalize(pred, dim=1) * target).sum(dim=1)
+    return (1.0 - cos[valid]).mean()
+
+
+def balanced_edge_loss(pred: Tensor, target: Tensor, pos_weight: float = EDGE_POS_WEIGHT) -> Tensor:
+    """Balanced BCE on logits: w * positives + (1 - w) * negatives, w = 0.95, mean over non-ignored pixels."""
+    valid = target != IGNORE_INDEX
+    if not bool(valid.any()):
+        return pred.sum() * 0.0
+    y = torch.where(valid, target, torch.zeros_like(target))
+    weight = torch.where(y > 0.5, torch.full_like(y, pos_weight), torch.full_like(y, 1.0 - pos_weight))
+    per_pixel = F.binary_cross_entropy_with_logits(pred, y, weight=weight, reduction="none")
+    return per_pixel[valid].mean()
+
+
+def saliency_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """Binary cross-entropy on logits."""
+    return F.binary_cross_entropy_with_logits(pred, target.float())
+
+
+# ---------------------------------------------------------------- decoding
+def argmax_decode(raw: Tensor) -> Tensor:
+    """Logits N x C x H x W -> class map N x H x W (int64)."""
+    return raw.argmax(dim=1)
+
+
+def depth_decode(raw: Tensor) -> Tensor:
+    """Raw depth -> metres, clamped to be non-negative."""
+    return raw.clamp_min(0.0)
+
+
+def normals_decode(raw: Tensor) -> Tensor:
+    """Unnormalised normals -> unit vectors."""
+    return F.normalize(raw, dim=1)
+
+
+def sigmoid_decode(raw: Tensor) -> Tensor:
+    """Logits -> probabilities."""
+    return torch.sigmoid(raw)
+
+
+# ---------------------------------------------------------------- target geometry (numpy, H x W [x C])
+def negate_normals_x(normals: np.ndarray) -> np.ndarray:
+    """After a horizontal flip of an H x W x 3 normals map, the x component changes sign."""
+    out = normals.copy()
+    out[..., 0] = -out[..., 0]
+    return out
+
+
+def divide_depth_by_scale(depth: np.ndarray, scale: float) -> np.ndarray:
+    """Zooming an image in by `scale` brings the scene closer by the same factor: depth / scale."""
+    return depth / np.float32(scale)
+
+
+# ---------------------------------------------------------------- meters (lazy: metrics imports torch only)
+def _segmentation_meter(task: Task, **_: Any):
+    from mtvision.metrics import SegmentationMeter
+
+    return SegmentationMeter(task.out_channels, ignore_index=IGNORE_INDEX)
+
+
+def _depth_meter(task: Task, **_: Any):
+    from mtvision.metrics import DepthMeter
+
+    return DepthMeter()
+
+
+def _normals_meter(task: Task, **_: Any):
+    from mtvision.metrics import NormalsMeter
+
+    return NormalsMeter()
+
+
+def _boundary_meter(task: Task, boundary_tolerance: float = 0.011, **_: Any):
+    from mtvision.metrics import BoundaryMeter
+
+    return BoundaryMeter(tolerance=boundary_tolerance, ignore_index=IGNORE_INDEX)
+
+
+def _saliency_meter(task: Task, **_: Any):
+    from mtvision.metrics import SaliencyMeter
+
+    return SaliencyMeter()
+
+
+@dataclass(frozen=True)
+class Task:
+    """Everything the code needs to know about one task.
+
+    Attributes:
+        name: registry key, also the key in samples, batches and model outputs.
+        out_channels: channels of the head's raw output (classes for label tasks).
+        loss: (raw output, target batch) -> scalar loss.
+        decode: raw output -> prediction (class map, metres, unit normals, probabilities).
+        colorize: one decoded prediction or target (numpy) -> H x W x 3 uint8.
+        new_meter_fn: (task, **dataset_info) -> streaming meter for this task.
+        primary_metric: the metric Δm% uses for this task.
+        is_label_map: integer label map (nearest resizing; int64 in batches; no channel axis).
+        target_channels: channels of the target (0 for label maps without channel axis).
+        pad_value: fill for padding and for regions outside the image after scaling.
+        flip_fn: fix-up applied to the H x W [x C] target after a horizontal flip, or None.
+        scale_fn: fix-up (target, zoom factor) applied after geometric scaling, or None.
+    """
+
+    name: str
+    out_channels: int
+    loss: Callable[[Tensor, Tensor], Tensor]
+    decode: Callable[[Tensor], Tensor]
+    colorize: Callable[[np.ndarray], np.ndarray]
+    new_meter_fn: Callable[..., Any]
+    primary_metric: str
+    is_label_map: bool
+    target_channels: int
+    pad_value: float
+    flip_fn: Callable[[np.ndarray], np.ndarray] | None = None
+    scale_fn: Callable[[np.ndarray, float], np.ndarray] | None = None
+
+    def new_meter(self, **dataset_info: Any):
+        """A fresh streaming meter (dataset_info: e.g. boundary_tolerance=0.011)."""
+        return self.new_meter_fn(self, **dataset_info)
+
+    def with_classes(self, num_classes: int) -> Task:
+        """The same task with `num_classes` output channels (label tasks only)."""
+        if not self.is_label_map:
+            raise ValueError(f"task {self.name!r} has a fixed number of channels ({self.out_channels})")
+        if num_classes < 2 or num_classes > IGNORE_INDEX:
+            raise ValueError(f"num_classes for {self.name!r} must be in [2, 255], got {num_classes}")
+        return dataclasses.replace(self, out_channels=num_classes)
+
+
+TASKS: dict[str, Task] = {
+    task.name: task
+    for task in (
+        Task(
+            name="semseg",
+            out_channels=40,
+            loss=segmentation_loss,
+            decode=argmax_decode,
+            colorize=visualize.colorize_labels,
+            new_meter_fn=_segmentation_meter,
+            primary_metric="mIoU",
+            is_label_map=True,
+            target_channels=0,
+            pad_value=IGNORE_INDEX,
+        ),
+        Task(
+            name="depth",
+            out_channels=1,
+            loss=depth_loss,
+            decode=depth_decode,
+            colorize=visualize.colorize_depth,
+            new_meter_fn=_depth_meter,
+            primary_metric="rmse",
+            is_label_map=False,
+            target_channels=1,
+            pad_value=0.0,
+            scale_fn=divide_depth_by_scale,
+        ),
+        Task(
+            name="normals",
+            out_channels=3,
+            loss=normals_loss,
+            decode=normals_decode,
+            colorize=visualize.colorize_normals,
+            new_meter_fn=_normals_meter,
+            primary_metric="mean",
+            is_label_map=False,
+            target_channels=3,
+            pad_value=0.0,
+            flip_fn=negate_normals_x,
+        ),
+        Task(
+            name="edge",
+            out_channels=1,
+            loss=balanced_edge_loss,
+            decode=sigmoid_decode,
+            colorize=visualize.colorize_probability,
+            new_meter_fn=_boundary_meter,
+            primary_metric="odsF",
+            is_label_map=False,
+            target_channels=1,
+            pad_value=IGNORE_INDEX,
+        ),
+        Task(
+            name="parts",
+            out_channels=7,
+            loss=segmentation_loss,
+            decode=argmax_decode,
+            colorize=visualize.colorize_labels,
+            new_meter_fn=_segmentation_meter,
+            primary_metric="mIoU",
+            is_label_map=True,
+            target_channels=0,
+            pad_value=IGNORE_INDEX,
+        ),
+        Task(
+            name="saliency",
+            out_channels=1,
+            loss=saliency_loss,
+            decode=sigmoid_decode,
+            colorize=visualize.colorize_probability,
+            new_meter_fn=_saliency_meter,
+            primary_metric="maxF",
+            is_label_map=False,
+            target_channels=1,
+            pad_value=0.0,
+        ),
+    )
+}
+
+
+def get_task(name: str, num_classes: int | None = None) -> Task:
+    """The registered task `name`, optionally with `num_classes` output channels (label tasks)."""
+    if name not in TASKS:
+        raise unknown_name("task", name, TASKS)
+    task = TASKS[name]
+    return task.with_classes(num_classes) if num_classes is not None else task
+
+
+def resolve_tasks(names: list[str] | tuple[str, ...], num_classes: Mapping[str, int] | None = None) -> dict[str, Task]:
+    """Task records for `names` (in order), with class counts from `num_classes` where given."""
+    num_classes = num_classes or {}
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate task names in {list(names)}")
+    return {n: get_task(n, num_classes.get(n)) for n in names}
+
+
+def list_tasks() -> list[str]:
+    """Names of all registered tasks."""
+    return list(TASKS)
