@@ -23,6 +23,18 @@ def label_palette(num: int = 256) -> np.ndarray:
 _PALETTE = label_palette(256)
 
 
+def _as_map(array: np.ndarray) -> np.ndarray:
+    """H x W view of a single-channel map given as H x W, 1 x H x W or H x W x 1."""
+    array = np.asarray(array, dtype=np.float32)
+    if array.ndim == 3 and array.shape[0] == 1:
+        return array[0]
+    if array.ndim == 3 and array.shape[-1] == 1:
+        return array[..., 0]
+    if array.ndim != 2:
+        raise ValueError(f"expected a single-channel map, got shape {array.shape}")
+    return array
+
+
 def colorize_labels(labels: np.ndarray, ignore_index: int = 255) -> np.ndarray:
     """Class map H x W (ints) -> H x W x 3 uint8; ignored pixels are black, class 0 is not."""
     labels = np.asarray(labels).astype(np.int64)
@@ -33,7 +45,7 @@ def colorize_labels(labels: np.ndarray, ignore_index: int = 255) -> np.ndarray:
 
 def colorize_depth(depth: np.ndarray, vmin: float | None = None, vmax: float | None = None) -> np.ndarray:
     """Depth H x W (or 1 x H x W) in metres -> H x W x 3 uint8 (turbo; near is red); 0 = invalid is black."""
-    depth = np.asarray(depth, dtype=np.float32).squeeze()
+    depth = _as_map(depth)
     valid = np.isfinite(depth) & (depth > 0)
     if not valid.any():
         return np.zeros((*depth.shape, 3), dtype=np.uint8)
@@ -58,7 +70,7 @@ def colorize_normals(normals: np.ndarray) -> np.ndarray:
 
 def colorize_probability(prob: np.ndarray, ignore_value: float = 255) -> np.ndarray:
     """A map in [0, 1] (edges, saliency) -> gray H x W x 3 uint8; ignored pixels are dark red."""
-    prob = np.asarray(prob, dtype=np.float32).squeeze()
+    prob = _as_map(prob)
     ignored = prob == ignore_value
     gray = (np.clip(np.where(ignored, 0, prob), 0, 1) * 255).round().astype(np.uint8)
     rgb = np.repeat(gray[..., None], 3, axis=-1)
