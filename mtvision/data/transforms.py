@@ -103,6 +103,11 @@ class _Randomized:
         self._rng = np.random.default_rng(seed)
         self._pid = os.getpid()
 
+    def reseed(self, seed: Seed | Sequence[int]) -> None:
+        """Replace the generator with one from `seed` (e.g. [run seed, epoch, index] per sample)."""
+        self._rng = np.random.default_rng(seed)
+        self._pid = os.getpid()
+
     @property
     def rng(self) -> np.random.Generator:
         """The generator for this process."""
@@ -391,6 +396,13 @@ class Compose:
         for t in self.transforms:
             raw = t(raw)
         return raw
+
+    def reseed(self, seed: Sequence[int]) -> None:
+        """Derive every random step's generator from `seed` (plus the step's position): the output
+        then depends only on the input and `seed`, whatever process or worker runs it."""
+        for position, t in enumerate(self.transforms):
+            if hasattr(t, "reseed"):
+                t.reseed([*seed, position])
 
     def __repr__(self) -> str:
         inner = ",\n    ".join(repr(t) for t in self.transforms)

@@ -504,3 +504,16 @@ def test_dataloader_workers_draw_different_augmentations():
     # items 0 and 1 are each the first draw of a different worker: identical streams would repeat
     assert first[0] != first[1] or first[2] != first[3]
     assert first == again  # reproducible under a fixed torch seed
+
+
+def test_reseed_makes_the_output_a_function_of_the_seed_only():
+    raw = make_raw()
+    a = T.train_transforms(16, 16, seed=1)
+    b = T.train_transforms(16, 16, seed=2)
+    b(raw)  # advance b's generators: reseeding must not depend on history
+    a.reseed([7, 0, 3])
+    b.reseed([7, 0, 3])
+    out_a, out_b = a(raw), b(raw)
+    assert torch.equal(out_a["image"], out_b["image"]) and torch.equal(out_a["depth"], out_b["depth"])
+    a.reseed([7, 0, 4])
+    assert not torch.equal(a(raw)["image"], out_a["image"])

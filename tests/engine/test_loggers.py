@@ -1,0 +1,338 @@
+import io
+import json
+import math
+import struct
+import sys
+
+import numpy as np
+import pytest
+
+from mtvision.engine import loggers as L
+from mtvision.errors import MTVisionError
+from mtvision.tasks import get_task
+
+
+class RecordingLogger(L.Logger):
+    def __init__(self, fail_on_close: bool = False) -> None:
+        self.calls: list[tuple] = []
+        self.fail_on_close = fail_on_close
+
+    def log_config(self, config):
+        self.calls.append(("config", dict(config)))
+
+    def log_scalars(self, values, step):
+        self.calls.append(("scalars", dict(values), step))
+
+    def log_predictions(self, step, panels):
+        self.calls.append(("predictions", step, len(panels)))
+
+    def log_artifact(self, path, name, kind="model", aliases=()):
+        self.calls.append(("artifact", str(path), name, kind, list(aliases)))
+
+    def close(self):
+        self.calls.append(("close",))
+        if self.fail_on_close:
+            raise RuntimeError("boom")
+
+
+def semseg_depth_panel(sample_id: str = "scene_0007") -> L.PredictionPanel:
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    seg_pred = np.zeros((16, 24), dtype=np.int64)
+    seg_pred[:, 12:] = 2
+    seg_gt = seg_pred.copy()
+    seg_gt[:2] = 255
+    depth_gt = np.linspace(0.5, 4.0, 16 * 24, dtype=np.float32).reshape(16, 24)
+    depth_gt[0, 0] = 0.0
+    return L.PredictionPanel(
+        image=image,
+        predictions={"semseg": seg_pred, "depth": depth_gt * 1.1},
+        targets={"semseg": seg_gt, "depth": depth_gt},
+        class_names={"semseg": ["wall", "floor", "chair"]},
+        sample_id=sample_id,
+    )
+
+
+# ---------------------------------------------------------------- JSONL
+def test_jsonl_lines_read_back_exactly(tmp_path, monkeypatch):
+    monkeypatch.setattr(L.time, "time", lambda: 1700000000.5)
+    path = tmp_path / "run" / "metrics.jsonl"
+    with L.JsonlLogger(path) as logger:
+        logger.log_config({"optim": {"lr": 1e-3, "betas": (0.9, 0.999)}, "out": tmp_path / "x"})
+        logger.log_scalars({"train/loss/total": np.float32(0.5), "train/lr": 0.001, "epoch": 3}, step=10)
+        logger.log_scalars({"train/loss/depth": math.nan, "train/grad_norm": math.inf}, step=11)
+    with L.JsonlLogger(path) as logger:  # a resumed run appends
+        logger.log_artifact(tmp_path / "ckpt", "best", aliases=["best", "step-11"])
+    lines = path.read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [
+        {"time": 1700000000.5, "config": {"optim": {"lr": 0.001, "betas": [0.9, 0.999]}, "out": str(tmp_path / "x")}},
+        {"step": 10, "time": 1700000000.5, "train/loss/total": 0.5, "train/lr": 0.001, "epoch": 3},
+        {"step": 11, "time": 1700000000.5, "train/loss/depth": None, "train/grad_norm": None},
+        {
+            "time": 1700000000.5,
+            "artifact": "best",
+            "kind": "model",
+            "path": str(tmp_path / "ckpt"),
+            "aliases": ["best", "step-11"],
+        },
+    ]
+    assert "NaN" not in path.read_text() and "Infinity" not in path.read_text()
+
+
+def test_jsonl_flushes_each_line_and_refuses_after_close(tmp_path):
+    path = tmp_path / "m.jsonl"
+    logger = L.JsonlLogger(path)
+    logger.log_scalars({"a": 1.0}, step=0)
+    assert json.loads(path.read_text())["a"] == 1.0  # visible before close
+    logger.close()
+    logger.close()
+    with pytest.raises(MTVisionError, match="closed"):
+        logger.log_scalars({"a": 2.0}, step=1)
+
+
+def test_to_jsonable_handles_dataclasses_arrays_and_tensors():
+    import dataclasses
+
+    import torch
+
+    @dataclasses.dataclass
+    class Optim:
+        lr: float = 0.1
+        steps: tuple = (1, 2)
+
+    assert L.to_jsonable({"o": Optim(), "a": np.arange(3), "t": torch.tensor(2.5), 1: np.int64(4)}) == {
+        "o": {"lr": 0.1, "steps": [1, 2]},
+        "a": [0, 1, 2],
+        "t": 2.5,
+        "1": 4,
+    }
+
+
+# ---------------------------------------------------------------- console table
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [(45.2134, "45.21"), (3.14159, "3.142"), (0.61234, "0.6123"), (0.0001234, "1.23e-04"), (0.0, "0.0000"), (7, "7")],
+)
+def test_format_metric(value, text):
+    assert L.format_metric(value) == text
+
+
+def test_format_metrics_table_exact():
+    table = L.format_metrics_table(
+        {
+            "semseg": {"mIoU": 45.2134, "pixAcc": 71.3},
+            "depth": {"rmse": 0.61234, "absrel": 0.182},
+            "normals": {"mean": 21.456, "rmse": 29.01},
+        }
+    )
+    assert table == (
+        "task      mIoU  pixAcc    rmse  absrel   mean\n"
+        "-------  -----  ------  ------  ------  -----\n"
+        "semseg   45.21   71.30       -       -      -\n"
+        "depth        -       -  0.6123  0.1820      -\n"
+        "normals      -       -   29.01       -  21.46"
+    )
+
+
+def test_console_logger_tabulates_val_keys_only():
+    out = io.StringIO()
+    logger = L.ConsoleLogger(out)
+    logger.log_scalars({"train/loss/total": 0.3}, step=5)
+    assert out.getvalue() == ""
+    logger.log_scalars({"train/lr": 0.1, "val/semseg/mIoU": 40.0, "val/depth/rmse": 0.5, "val/delta_m": -1.25}, step=7)
+    assert out.getvalue() == (
+        "val metrics at step 7:\n"
+        "task     mIoU    rmse  delta_m\n"
+        "------  -----  ------  -------\n"
+        "semseg  40.00       -        -\n"
+        "depth       -  0.5000        -\n"
+        "all         -       -   -1.250\n"
+    )
+
+
+# ---------------------------------------------------------------- group and factory
+def test_logger_group_fans_out_and_closes_all():
+    first, second = RecordingLogger(fail_on_close=True), RecordingLogger()
+    group = L.LoggerGroup([first, second])
+    group.log_config({"seed": 1})
+    group.log_scalars({"train/loss/total": 1.0}, step=3)
+    group.log_predictions(3, [semseg_depth_panel()])
+    group.log_artifact("/tmp/ckpt", "last", aliases=iter(["latest"]))  # a one-shot iterable reaches both
+    with pytest.raises(RuntimeError, match="boom"):
+        group.close()
+    expected = [
+        ("config", {"seed": 1}),
+        ("scalars", {"train/loss/total": 1.0}, 3),
+        ("predictions", 3, 1),
+        ("artifact", "/tmp/ckpt", "last", "model", ["latest"]),
+        ("close",),
+    ]
+    assert first.calls == expected
+    assert second.calls == expected
+
+
+def test_build_loggers_without_wandb_never_imports_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # any import of wandb would now fail
+    group = L.build_loggers(tmp_path, config={"seed": 3}, prediction_images=True)
+    assert [type(lg) for lg in group.loggers] == [L.JsonlLogger, L.ConsoleLogger, L.PredictionImageLogger]
+    group.log_predictions(2, [semseg_depth_panel()])
+    assert (tmp_path / "predictions" / "step_0000002" / "scene_0007.png").is_file()
+    group.log_scalars({"val/semseg/mIoU": 50.0}, step=1)
+    group.close()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["config"] == {"seed": 3}
+    assert lines[1]["val/semseg/mIoU"] == 50.0
+    assert "semseg  50.00" in capsys.readouterr().out
+    assert L.build_loggers(tmp_path / "rank1", wandb=True, is_main_process=False).loggers == []
+    assert not (tmp_path / "rank1").exists()
+
+
+# ---------------------------------------------------------------- panels and pictures
+def test_panel_rejects_bad_shapes():
+    with pytest.raises(MTVisionError, match="uint8"):
+        L.PredictionPanel(np.zeros((4, 4, 3), np.float32), {}, {})
+    with pytest.raises(MTVisionError, match="depth"):
+        L.PredictionPanel(np.zeros((4, 4, 3), np.uint8), {"depth": np.zeros((4, 5))}, {})
+
+
+def test_colour_pair_puts_target_and_prediction_on_one_scale():
+    target = np.full((2, 3), 1.0, np.float32)
+    target[0, 0] = 2.0
+    prediction = np.full((2, 3), 4.0, np.float32)
+    target_rgb, prediction_rgb = L.colour_pair("depth", target, prediction)
+    colorize = get_task("depth").colorize
+    np.testing.assert_array_equal(target_rgb, colorize(np.concatenate([target, prediction], axis=1))[:, :3])
+    # alone, the constant prediction would span no range; here it is the far end of the shared scale
+    assert prediction_rgb[0, 0].tolist() == colorize(np.array([[1.0, 4.0]]))[0, 1].tolist()
+    assert target_rgb[1, 1].tolist() == colorize(np.array([[1.0, 4.0]]))[0, 0].tolist()
+    none_rgb, alone = L.colour_pair("saliency", None, np.array([[0.0, 1.0]]))
+    assert none_rgb is None and alone[0, 1].tolist() == [255, 255, 255]
+
+
+def test_class_labels_name_present_ids_and_ignore():
+    assert L.class_labels(semseg_depth_panel(), "semseg") == {0: "wall", 2: "chair", 255: "ignore"}
+    panel = L.PredictionPanel(np.zeros((1, 2, 3), np.uint8), {"parts": np.array([[0, 9]])}, {})
+    assert L.class_labels(panel, "parts") == {0: "0", 9: "9"}
+
+
+def test_prediction_image_logger_writes_task_rows(tmp_path):
+    import cv2
+
+    panel = semseg_depth_panel("scenes/0007")
+    L.PredictionImageLogger(tmp_path / "pred").log_predictions(12, [panel])
+    (path,) = (tmp_path / "pred" / "step_0000012").glob("*.png")
+    assert path.name == "scenes_0007.png"
+    grid = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+    title_h, pad, h, w = 18, 2, 16, 24
+    assert grid.shape == (title_h + 2 * (h + pad) + pad, 3 * (w + pad) + pad, 3)
+
+    def tile(row: int, col: int) -> np.ndarray:
+        y, x = title_h + pad + row * (h + pad), pad + col * (w + pad)
+        return grid[y : y + h, x : x + w]
+
+    np.testing.assert_array_equal(tile(0, 0), panel.image)
+    seg_target, seg_prediction = L.colour_pair("semseg", panel.targets["semseg"], panel.predictions["semseg"])
+    np.testing.assert_array_equal(tile(0, 1), seg_target)
+    np.testing.assert_array_equal(tile(0, 2), seg_prediction)
+    depth_target, depth_prediction = L.colour_pair("depth", panel.targets["depth"], panel.predictions["depth"])
+    np.testing.assert_array_equal(tile(1, 1), depth_target)
+    np.testing.assert_array_equal(tile(1, 2), depth_prediction)
+
+
+# ---------------------------------------------------------------- real wandb, offline
+def read_wandb_records(path):
+    """Records of a .wandb transaction log (LevelDB log format: 32 KiB blocks of CRC/length/type chunks)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    block, pos, chunks, records = 32768, 7, [], []
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        pos += 7
+        if kind == 0:  # zero padding to the end of the block
+            pos += left - 7
+            continue
+        chunks.append(data[pos : pos + length])
+        pos += length
+        if kind in (1, 4):  # FULL or LAST
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(b"".join(chunks))
+            records.append(record)
+            chunks = []
+    return records
+
+
+def test_wandb_offline_run_records_everything(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    folder = tmp_path / "pretrained"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"tasks": ["semseg", "depth"]}')
+    (folder / "model.safetensors").write_bytes(b"\0" * 64)
+
+    group = L.build_loggers(
+        tmp_path / "out",
+        console=False,
+        wandb=True,
+        wandb_run_name="unit",
+        wandb_tags=("test",),
+        config={"optim": {"lr": 0.002}, "seed": 7},
+    )
+    wandb_logger = group.loggers[-1]
+    assert isinstance(wandb_logger, L.WandbLogger)
+    group.log_scalars({"train/loss/total": 0.75, "train/loss/semseg": 0.5}, step=4)
+    group.log_scalars({"val/semseg/mIoU": 41.5, "val/depth/rmse": 0.625}, step=8)
+    group.log_predictions(8, [semseg_depth_panel()])
+    group.log_artifact(folder, "mtvision model/best", aliases=["best", "step-8"])
+    with pytest.raises(MTVisionError, match="does not exist"):
+        wandb_logger.log_artifact(tmp_path / "missing", "x")
+    group.close()
+    import wandb
+
+    wandb.teardown()  # run.finish() may return before wandb-core has flushed the offline transaction log
+
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    (log_file,) = run_dir.glob("*.wandb")
+    records = read_wandb_records(log_file)
+    by_type: dict[str, list] = {}
+    for record in records:
+        by_type.setdefault(record.WhichOneof("record_type"), []).append(record)
+
+    assert "run" in by_type, (sorted(by_type), log_file.stat().st_size)
+    (run_record,) = [r.run for r in by_type["run"]]
+    assert run_record.display_name == "unit" and list(run_record.tags) == ["test"]
+    config = {item.key: json.loads(item.value_json) for r in by_type["config"] for item in r.config.update}
+    assert config["optim"] == {"lr": 0.002} and config["seed"] == 7
+
+    history = []
+    for r in by_type["history"]:
+        items = {"/".join(item.nested_key) or item.key: item.value_json for item in r.history.item}
+        history.append((r.history.step.num, items))
+    scalars = {step: {k: json.loads(v) for k, v in items.items() if not k.startswith("_")} for step, items in history}
+    assert scalars[4] == {"train/loss/total": 0.75, "train/loss/semseg": 0.5}
+    assert scalars[8]["val/semseg/mIoU"] == 41.5 and scalars[8]["val/depth/rmse"] == 0.625
+    assert scalars[8]["val/predictions/semseg/_type"] == "images/separated"
+    assert scalars[8]["val/predictions/depth/count"] == 1
+    assert scalars[8]["val/predictions/depth/captions"] == ["scene_0007: image | target | prediction"]
+
+    media = sorted(p.relative_to(run_dir / "files" / "media" / "images") for p in run_dir.rglob("*.png"))
+    assert any(str(p).startswith("val/predictions/semseg_") for p in media)
+    assert any(str(p).startswith("val/predictions/depth_") for p in media)
+    assert len([p for p in media if str(p).startswith("mask/val/predictions/semseg_")]) == 2  # prediction + gt
+    depth_png = next(run_dir.rglob("val/predictions/depth_*.png"))
+    import cv2
+
+    assert cv2.imread(str(depth_png)).shape == (2 * 2 + 16, 3 * 24 + 4 * 2, 3)  # image | target | prediction
+
+    (artifact,) = [r.artifact for r in by_type["artifact"]]
+    assert artifact.name == "mtvision-model-best" and artifact.type == "model"
+    assert set(artifact.aliases) == {"best", "step-8", "latest"}  # wandb adds 'latest' itself
+    assert sorted(entry.path for entry in artifact.manifest.contents) == ["config.json", "model.safetensors"]
+    assert wandb_logger.run is None  # finished
