@@ -17,8 +17,10 @@ $(STAMP): setup.cfg pyproject.toml
 train: $(STAMP)
 	$(BIN)/mtv-make-synthetic --out runs/synthetic_preview --num 16 --height 128 --width 160
 
+# one BLAS/OpenMP thread per process: the suite runs several processes on 2 cores, and waiting
+# OpenMP threads slow small tensors down by orders of magnitude there
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check mtvision tools tests benchmarks datasets

@@ -99,3 +99,8 @@ def save_png(path: str, rgb: np.ndarray) -> None:
     """Write an RGB uint8 picture to `path` as PNG."""
     if not cv2.imwrite(str(path), cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR)):
         raise OSError(f"could not write {path}")
+
+
+def prediction_panel(image: np.ndarray, pictures: dict[str, np.ndarray]) -> np.ndarray:
+    """One row: the RGB input followed by each colorized prediction, titled by its name."""
+    return image_grid([[image, *pictures.values()]], titles=["image", *pictures])

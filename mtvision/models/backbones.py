@@ -1,0 +1,370 @@
+"""Any timm model as a multi-scale feature extractor.
+
+`create_backbone(name, ...)` builds the timm model with `features_only=True` (CNNs through
+`FeatureListNet`/their own feature classes, ViTs through `forward_intermediates`, Swin with NHWC
+output) and wraps it in a `Backbone` whose `forward(x)` returns a list of NCHW maps with known
+`channels` and `strides`.
+
+A `Backbone` can also be run stage by stage (`begin`, `run_stage`, `stage_feature`): stage i ends at
+output level i.  Soft-sharing decoders (cross-stitch) interleave several backbones that way.
+
+Local pretrained weights load through timm's `pretrained_cfg_overlay=dict(file=...)`, never
+`checkpoint_path=` (the module names of a features-only model differ from the original's).
+Safetensors files are read with safetensors, anything else with `torch.load(weights_only=True)`.
+The network is never touched: the Hugging Face hub is forced offline while a backbone is built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.models._features import FeatureDictNet, FeatureGetterNet
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from mtvision.errors import MTVisionError, UnknownNameError, closest
+
+DEFAULT_MIN_STRIDE = 4
+
+
+class BackboneError(MTVisionError, ValueError):
+    """A backbone cannot be built as asked (weights missing or unreadable, unsupported option)."""
+
+
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """Set HF_HUB_OFFLINE=1 for the duration of the block, restoring the previous value afterwards."""
+    previous = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = previous
+
+
+class _MissingKeys(logging.Handler):
+    """Collects timm's report of model keys absent from a weights file (timm loads features non-strictly)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.keys: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("Missing keys (") and ")" in message:
+            self.keys += message[len("Missing keys (") : message.index(")")].split(", ")
+
+    def non_classifier(self, name: str) -> list[str]:
+        """Missing keys other than the classifier's (which timm drops on purpose for features)."""
+        classifier = timm.models.get_pretrained_cfg_value(name, "classifier") or ()
+        prefixes = tuple(f"{c}." for c in ((classifier,) if isinstance(classifier, str) else classifier))
+        return [k for k in self.keys if not (prefixes and k.startswith(prefixes))]
+
+
+@contextlib.contextmanager
+def _collect_missing_keys() -> Iterator[_MissingKeys]:
+    logger = logging.getLogger("timm.models._builder")
+    handler, level = _MissingKeys(), logger.level
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def check_backbone_name(name: str) -> None:
+    """Raise UnknownNameError (with the closest timm name) unless timm knows `name`; refuse hub names."""
+    if name.startswith(("hf-hub:", "hf_hub:", "local-dir:")):
+        raise BackboneError(
+            f"backbone {name!r} refers to a remote or packaged model; use the plain timm architecture name "
+            "and give local weights with the backbone.weights option"
+        )
+    if not timm.is_model(name):
+        hint = closest(name, timm.list_models())
+        msg = f"unknown backbone {name!r}"
+        if hint:
+            msg += f"; did you mean {hint!r}?"
+        raise UnknownNameError(msg + " (see timm.list_models())")
+
+
+def _output_is_nhwc(body: nn.Module) -> bool:
+    fmt = getattr(body, "output_fmt", "NCHW")
+    return str(getattr(fmt, "value", fmt)) == "NHWC"
+
+
+class Backbone(nn.Module):
+    """A timm features-only model returning NCHW maps at `strides` with `channels` each.
+
+    Attributes:
+        body: the timm features-only module (its state dict keys are timm's).
+        name: the timm architecture name.
+        channels, strides: per returned level.
+    """
+
+    def __init__(self, body: nn.Module, name: str, levels: Sequence[int] | None = None, channels_last: bool = False):
+        super().__init__()
+        self.body = body
+        self.name = name
+        info = body.feature_info
+        all_channels, all_strides = list(info.channels()), list(info.reduction())
+        if levels is None:
+            levels = range(len(all_channels))
+        self.levels: list[int] = list(levels)
+        self.channels: list[int] = [all_channels[i] for i in self.levels]
+        self.strides: list[int] = [all_strides[i] for i in self.levels]
+        self.nhwc = _output_is_nhwc(body)
+        self.channels_last = channels_last
+        if channels_last:
+            self.body.to(memory_format=torch.channels_last)
+        self._plan: list[Callable[[Tensor], Tensor]] | None = None
+        self._to_map: Callable[[Tensor, tuple[int, int]], Tensor] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the stage plan holds closures over this instance's modules: a copy must build its own
+        state = self.__dict__.copy()
+        state["_plan"] = None
+        state["_to_map"] = None
+        return state
+
+    # ------------------------------------------------------------------ plain forward
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """Images N x 3 x H x W -> list of N x C_i x H/s_i x W/s_i maps."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = self.body(x)
+        if isinstance(out, dict):
+            out = list(out.values())
+        out = [out[i] for i in self.levels]
+        if self.nhwc:
+            out = [o.permute(0, 3, 1, 2) for o in out]
+        return out
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute activations in the backward pass to save memory."""
+        target = self.body.model if isinstance(self.body, FeatureGetterNet) else self.body
+        if not hasattr(target, "set_grad_checkpointing"):
+            raise BackboneError(f"backbone {self.name!r} does not support gradient checkpointing")
+        target.set_grad_checkpointing(enable)
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        body = self.body.model if isinstance(self.body, FeatureGetterNet) else self.body
+        return bool(getattr(body, "grad_checkpointing", False))
+
+    # ------------------------------------------------------------------ staged forward
+    @property
+    def num_stages(self) -> int:
+        return len(self.levels)
+
+    @property
+    def state_channel_dim(self) -> int:
+        """The channel axis of the tensors passed between stages (1 for NCHW, -1 for NHWC and tokens)."""
+        self.prepare_stages()
+        return -1 if (self.nhwc or isinstance(self.body, FeatureGetterNet)) else 1
+
+    def begin(self, x: Tensor) -> Tensor:
+        """The state that enters stage 0 (the images, in the backbone's memory format)."""
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def run_stage(self, index: int, state: Tensor) -> Tensor:
+        """Run stage `index` on the state left by the previous stage (or `begin`)."""
+        self.prepare_stages()
+        assert self._plan is not None
+        return self._plan[index](state)
+
+    def stage_feature(self, state: Tensor, image_size: tuple[int, int]) -> Tensor:
+        """The NCHW feature map of a stage's output state (images of `image_size` went in)."""
+        self.prepare_stages()
+        assert self._to_map is not None
+        return self._to_map(state, image_size)
+
+    def forward_staged(self, x: Tensor) -> list[Tensor]:
+        """Same result as `forward`, computed stage by stage."""
+        state, out = self.begin(x), []
+        for i in range(self.num_stages):
+            state = self.run_stage(i, state)
+            out.append(self.stage_feature(state, tuple(x.shape[-2:])))
+        return out
+
+    def prepare_stages(self) -> None:
+        """Split the model into stages (BackboneError for architectures that cannot be split)."""
+        if self._plan is not None:
+            return
+        body = self.body
+        if isinstance(body, FeatureDictNet):
+            self._plan, self._to_map = self._plan_module_list(body)
+        elif hasattr(body, "_stage_out_idx") and hasattr(body, "blocks") and getattr(body, "feature_hooks", 1) is None:
+            self._plan, self._to_map = self._plan_efficientnet(body)
+        elif isinstance(body, FeatureGetterNet) and _is_plain_vit(body.model):
+            self._plan, self._to_map = self._plan_vit(body)
+        else:
+            raise BackboneError(
+                f"backbone {self.name!r} ({type(body).__name__}) cannot be run stage by stage; "
+                "stage-wise decoders support FeatureListNet models (ResNet, ConvNeXt, Swin, ...), "
+                "EfficientNet/MobileNet and plain ViTs"
+            )
+
+    def _plan_module_list(self, body: FeatureDictNet):
+        items = list(body.items())
+        ends = [i for i, (n, _) in enumerate(items) if n in body.return_layers]
+        level_ends = [ends[lv] for lv in self.levels]
+        plan, start = [], 0
+        for end in level_ends:
+            mods = [m for _, m in items[start : end + 1]]
+            plan.append(self._sequence(mods, select_first=not body.concat))
+            start = end + 1
+        nhwc = self.nhwc
+        return plan, (lambda s, size: s.permute(0, 3, 1, 2) if nhwc else s)
+
+    def _plan_efficientnet(self, body: nn.Module):
+        stem_parts = [body.conv_stem, body.bn1] + ([body.act1] if hasattr(body, "act1") else [])
+        stem = nn.Sequential(*stem_parts)
+        mods = [stem, *list(body.blocks)]
+        out_positions = sorted(body._stage_out_idx.keys())
+        # output k taps the state after module position p (0 = stem, i + 1 = after blocks[i])
+        ends = [out_positions[lv] for lv in self.levels]
+        plan, start = [], 0
+        for end in ends:
+            plan.append(self._sequence(mods[start : end + 1]))
+            start = end + 1
+        return plan, (lambda s, size: s)
+
+    def _plan_vit(self, body: FeatureGetterNet):
+        vit = body.model
+        indices = sorted(int(i) for i in body.out_indices)
+        ends = [indices[lv] for lv in self.levels]
+
+        def embed(x: Tensor) -> Tensor:
+            x = vit.patch_embed(x)
+            x = vit._pos_embed(x)
+            x = vit.patch_drop(x)
+            return vit.norm_pre(x)
+
+        plan, start = [], 0
+        for k, end in enumerate(ends):
+            blocks = list(vit.blocks[start : end + 1])
+            seq = self._sequence(blocks, checkpoint_owner=vit)
+            plan.append((lambda x, seq=seq: seq(embed(x))) if k == 0 else seq)
+            start = end + 1
+        prefix = vit.num_prefix_tokens
+
+        def to_map(tokens: Tensor, size: tuple[int, int]) -> Tensor:
+            h, w = vit.patch_embed.dynamic_feat_size(size)
+            tokens = tokens[:, prefix:]
+            return tokens.reshape(tokens.shape[0], h, w, -1).permute(0, 3, 1, 2)
+
+        return plan, to_map
+
+    def _sequence(self, mods: list[nn.Module], select_first: bool = True, checkpoint_owner: nn.Module | None = None):
+        owner = checkpoint_owner if checkpoint_owner is not None else self.body
+
+        def run(x: Tensor) -> Tensor:
+            use_ckpt = bool(getattr(owner, "grad_checkpointing", False)) and torch.is_grad_enabled()
+            for m in mods:
+                if use_ckpt and not getattr(m, "inplace", False) and x.requires_grad:
+                    x = checkpoint(m, x, use_reentrant=False)
+                else:
+                    x = m(x)
+                if isinstance(x, (tuple, list)):
+                    x = x[0] if select_first else torch.cat(x, 1)
+            return x
+
+        return run
+
+
+def _is_plain_vit(model: nn.Module) -> bool:
+    from timm.models.vision_transformer import VisionTransformer
+
+    return isinstance(model, VisionTransformer)
+
+
+def _check_weights_file(path: str | os.PathLike) -> Path:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise BackboneError(
+            f"backbone weights file {str(file)!r} does not exist; set the backbone.weights option to a local "
+            ".safetensors, .pth or .bin file (nothing is downloaded)"
+        )
+    return file
+
+
+def create_backbone(
+    name: str,
+    *,
+    out_indices: Sequence[int] | None = None,
+    weights: str | os.PathLike | None = None,
+    pretrained: bool = False,
+    drop_path_rate: float | None = None,
+    channels_last: bool = False,
+    grad_checkpointing: bool = False,
+    min_stride: int = DEFAULT_MIN_STRIDE,
+    **kwargs: Any,
+) -> Backbone:
+    """Build timm model `name` as a multi-scale `Backbone`.
+
+    Args:
+        name: timm architecture name (`timm.list_models()`).
+        out_indices: timm feature indices to return; None keeps timm's default levels whose stride is
+            at least `min_stride`.
+        weights: local weights file (safetensors, or `.pth`/`.bin` read with `weights_only=True`), in
+            the original timm model's naming.
+        pretrained: ask for pretrained weights; requires `weights` (nothing is downloaded).
+        drop_path_rate: stochastic depth rate, for models that take one.
+        channels_last: run the backbone in channels-last memory format.
+        grad_checkpointing: recompute activations in the backward pass.
+        **kwargs: further timm model arguments (e.g. img_size, depth, dynamic_img_size).
+    """
+    check_backbone_name(name)
+    if pretrained and weights is None:
+        raise BackboneError(
+            f"pretrained weights were asked for backbone {name!r} but no file was given: set the "
+            "backbone.weights option to a local weights file (nothing is downloaded)"
+        )
+    timm_kwargs: dict[str, Any] = dict(kwargs)
+    if out_indices is not None:
+        timm_kwargs["out_indices"] = tuple(int(i) for i in out_indices)
+    if drop_path_rate is not None:
+        timm_kwargs["drop_path_rate"] = float(drop_path_rate)
+    if weights is not None:
+        file = _check_weights_file(weights)
+        timm_kwargs["pretrained_cfg_overlay"] = dict(file=str(file), source="", custom_load=file.suffix == ".npz")
+    try:
+        with hub_offline(), _collect_missing_keys() as missing:
+            body = timm.create_model(name, pretrained=weights is not None, features_only=True, **timm_kwargs)
+        absent = missing.non_classifier(name)
+        if absent:
+            raise BackboneError(f"{len(absent)} tensors are missing from the file, e.g. {absent[:5]}")
+    except (pickle.UnpicklingError, EOFError) as exc:
+        raise BackboneError(
+            f"backbone.weights {str(weights)!r} is not a plain tensor file and will not be unpickled "
+            f"(only tensors load, torch.load(weights_only=True)): {exc}"
+        ) from exc
+    except BackboneError as exc:
+        raise BackboneError(f"cannot load backbone.weights {str(weights)!r} into {name!r}: {exc}") from None
+    except Exception as exc:
+        if weights is None:
+            raise
+        raise BackboneError(f"cannot load backbone.weights {str(weights)!r} into {name!r}: {exc}") from exc
+    strides = list(body.feature_info.reduction())
+    if out_indices is None:
+        levels = [i for i, s in enumerate(strides) if s >= min_stride] or [len(strides) - 1]
+    else:
+        levels = list(range(len(strides)))
+    backbone = Backbone(body, name, levels=levels, channels_last=channels_last)
+    if grad_checkpointing:
+        backbone.set_grad_checkpointing(True)
+    return backbone

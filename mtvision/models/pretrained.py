@@ -1,0 +1,203 @@
+"""Pretrained folders: `config.json` + `model.safetensors`, written atomically, read without unpickling.
+
+config.json holds `format_version`, `mtvision_version` and the `ModelConfig` fields.  A newer
+format_version, an unknown key, a corrupt or truncated weights file, or a file that is not
+safetensors (e.g. a pickle) is a clear `ConfigError`/`CheckpointError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mtvision.errors import MTVisionError, closest
+from mtvision.models.config import ConfigError, ModelConfig
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+_VERSION_KEYS = ("format_version", "mtvision_version")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class CheckpointError(MTVisionError, ValueError):
+    """A weights file that is missing, corrupt, not safetensors, or does not fit the model."""
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call `write(tmp_path)` on a temporary file next to `path`, fsync it, then rename it to `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def folder_config(model: torch.nn.Module) -> dict[str, Any]:
+    """The config.json contents for `model` (backbone weights now live in model.safetensors)."""
+    from mtvision import __version__
+
+    data = model.config.to_dict()
+    data["backbone"]["weights"] = None
+    data["backbone"]["pretrained"] = False
+    return {"format_version": FORMAT_VERSION, "mtvision_version": __version__, **data}
+
+
+def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike) -> None:
+    """Write `config.json` and `model.safetensors` for `model` into `directory` (created if needed)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    meta = {"format": "pt", "mtvision_format_version": str(FORMAT_VERSION)}
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata=meta))
+    text = json.dumps(folder_config(model), indent=2) + "\n"
+
+    def write_json(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+
+    atomic_write(directory / CONFIG_NAME, write_json)
+
+
+def parse_folder_config(data: Any, source: str = CONFIG_NAME) -> ModelConfig:
+    """Check versions and keys of a config.json dict and return its `ModelConfig`."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a JSON object at the top level")
+    if "format_version" not in data:
+        raise ConfigError(f"{source}: no 'format_version' key; not an mtvision pretrained folder config")
+    version = data["format_version"]
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ConfigError(f"{source}: format_version must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        from mtvision import __version__
+
+        written = data.get("mtvision_version", "a newer version")
+        raise ConfigError(
+            f"{source} has format_version {version} (written by mtvision {written}); this mtvision "
+            f"{__version__} reads format_version {FORMAT_VERSION} at most: upgrade mtvision"
+        )
+    body = {k: v for k, v in data.items() if k not in _VERSION_KEYS}
+    try:
+        return ModelConfig.from_dict(body)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
+
+
+def read_config(directory: str | os.PathLike) -> ModelConfig:
+    """The `ModelConfig` of a pretrained folder."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist; a pretrained folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
+    return parse_folder_config(data, str(path))
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file (never unpickles; corrupt files raise CheckpointError)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        with open(path, "rb") as fh:
+            head = fh.read(2)
+        if head[:1] == b"\x80" or head == b"PK":  # pickle protocol marker, or a zip from torch.save
+            raise CheckpointError(
+                f"{path} is a pickle/zip torch file, not safetensors; it will not be unpickled"
+            ) from exc
+        raise CheckpointError(f"{path} is not a readable safetensors file (corrupt or truncated?): {exc}") from exc
+
+
+def resolve_folder(name_or_path: str | os.PathLike) -> Path:
+    """A local pretrained folder, or a hub snapshot when `name_or_path` is a repo id and huggingface_hub exists."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    text = str(name_or_path)
+    if _REPO_ID.match(text) and not path.exists():
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError:
+            raise ConfigError(
+                f"{text!r} is not a local folder, and loading from the hub needs huggingface_hub (not installed)"
+            ) from None
+        return Path(snapshot_download(text, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
+    raise ConfigError(f"{text!r} is not a pretrained folder (expected a directory with {CONFIG_NAME})")
+
+
+def load_model(name_or_path: str | os.PathLike, device: str | torch.device | None = None) -> torch.nn.Module:
+    """Rebuild and load the `MultiTaskModel` of a pretrained folder, in eval mode."""
+    from mtvision.models.registry import build_model
+
+    folder = resolve_folder(name_or_path)
+    config = read_config(folder)
+    state = read_weights(folder / WEIGHTS_NAME)
+    model = build_model(config)
+    _load_shape_check(model, state)
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        missing, unexpected = result.missing_keys, result.unexpected_keys
+        hint = ""
+        if unexpected and missing:
+            near = closest(unexpected[0], missing)
+            hint = f" ({unexpected[0]!r} looks like {near!r})" if near else ""
+        raise CheckpointError(
+            f"{folder / WEIGHTS_NAME} does not fit the model of {CONFIG_NAME}: "
+            f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}{hint}"
+        )
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def _load_shape_check(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    own = model.state_dict()
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape:
+            raise CheckpointError(
+                f"tensor {key!r} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}"
+            )
+
+
+def push_to_hub(
+    model: torch.nn.Module, repo_id: str, private: bool = True, commit_message: str = "Upload model"
+) -> str:
+    """Save `model` to a temporary folder and upload it to hub repo `repo_id`; returns the repo URL."""
+    try:
+        from huggingface_hub import HfApi
+    except ImportError:
+        raise MTVisionError("push_to_hub needs huggingface_hub: pip install huggingface_hub") from None
+    api = HfApi()
+    url = api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pretrained(model, tmp)
+        api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message)
+    return str(url)
