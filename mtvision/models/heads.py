@@ -8,13 +8,27 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-class ConvBNReLU(nn.Sequential):
-    """k x k convolution (no bias), batch norm, ReLU."""
+NORMS = ("bn", "gn")
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3):
+
+def make_norm(kind: str, channels: int) -> nn.Module:
+    """'bn': BatchNorm2d; 'gn': GroupNorm with 32 groups (fewer when `channels` needs), which keeps
+    no batch statistics, so results do not depend on how a batch is split across steps or GPUs."""
+    if kind == "bn":
+        return nn.BatchNorm2d(channels)
+    if kind == "gn":
+        groups = next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
+        return nn.GroupNorm(groups, channels)
+    raise ValueError(f"unknown norm {kind!r} (valid: {', '.join(NORMS)})")
+
+
+class ConvBNReLU(nn.Sequential):
+    """k x k convolution (no bias), normalisation (batch norm by default), ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, norm: str = "bn"):
         super().__init__(
             nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
-            nn.BatchNorm2d(out_channels),
+            make_norm(norm, out_channels),
             nn.ReLU(inplace=True),
         )
 
@@ -35,7 +49,7 @@ class MultiScaleNeck(nn.Module):
     merge).  Levels may share a stride (plain ViTs).
     """
 
-    def __init__(self, in_channels: Sequence[int], strides: Sequence[int], channels: int = 128):
+    def __init__(self, in_channels: Sequence[int], strides: Sequence[int], channels: int = 128, norm: str = "bn"):
         super().__init__()
         if len(in_channels) != len(strides) or not in_channels:
             raise ValueError("in_channels and strides must be non-empty and of equal length")
@@ -46,10 +60,10 @@ class MultiScaleNeck(nn.Module):
         self.channels = channels
         self.stride = min(strides)
         self.lateral = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, channels, 1, bias=False), nn.BatchNorm2d(channels)) for c in in_channels
+            nn.Sequential(nn.Conv2d(c, channels, 1, bias=False), make_norm(norm, channels)) for c in in_channels
         )
-        self.smooth = nn.ModuleList(ConvBNReLU(channels, channels) for _ in in_channels)
-        self.fuse = ConvBNReLU(channels, channels)
+        self.smooth = nn.ModuleList(ConvBNReLU(channels, channels, norm=norm) for _ in in_channels)
+        self.fuse = ConvBNReLU(channels, channels, norm=norm)
 
     def forward(self, features: Sequence[Tensor]) -> Tensor:
         """List of N x C_i x H_i x W_i maps (fine to coarse) -> N x channels x H_0 x W_0."""
@@ -66,9 +80,9 @@ class MultiScaleNeck(nn.Module):
 class TaskHead(nn.Module):
     """A task's prediction head: 3x3 conv-BN-ReLU then a 1x1 convolution to the task's channels."""
 
-    def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 64):
+    def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 64, norm: str = "bn"):
         super().__init__()
-        self.body = ConvBNReLU(in_channels, hidden_channels)
+        self.body = ConvBNReLU(in_channels, hidden_channels, norm=norm)
         self.out = nn.Conv2d(hidden_channels, out_channels, 1)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -61,3 +61,16 @@ def test_task_head_maps_to_task_channels_pointwise_last():
     assert y.shape == (1, 5, 6, 7)
     changed = (y2 - y).abs().sum(1)[0] > 1e-6
     assert changed[:2, :2].all() and not changed[2:, :].any() and not changed[:, 2:].any()
+
+
+def test_group_norm_option_keeps_no_batch_statistics():
+    import torch
+
+    from mtvision.models.heads import TaskHead, make_norm
+
+    head = TaskHead(8, 2, hidden_channels=8, norm="gn").train()
+    x = torch.randn(4, 8, 5, 5)
+    torch.testing.assert_close(head(x)[:2], head(x[:2]))  # each sample normalised on its own
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in head.modules())
+    with pytest.raises(ValueError, match="unknown norm"):
+        make_norm("ln", 8)

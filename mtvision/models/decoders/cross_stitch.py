@@ -60,7 +60,7 @@ class CrossStitchDecoder(MultiTaskDecoder):
     columns (the mixing needs them) but only task t's row of the last unit, neck and head.
 
     Options:
-        neck_channels, head_channels: as for HPS.
+        neck_channels, head_channels, norm: as for HPS.
         alpha_self: initial weight of a column's own activation.
         channel_wise: one alpha per channel instead of per column pair.
     """
@@ -73,6 +73,7 @@ class CrossStitchDecoder(MultiTaskDecoder):
         head_channels: int = 64,
         alpha_self: float = 0.9,
         channel_wise: bool = False,
+        norm: str = "bn",
     ):
         super().__init__(tasks)
         self.task_names = list(tasks)
@@ -81,9 +82,9 @@ class CrossStitchDecoder(MultiTaskDecoder):
         first.prepare_stages()  # fails early for backbones that cannot be run stage by stage
         t = len(self.task_names)
         self.stitches = nn.ModuleList(CrossStitchUnit(t, c, alpha_self, channel_wise) for c in first.channels)
-        self.necks = nn.ModuleDict({n: MultiScaleNeck(first.channels, first.strides, neck_channels) for n in tasks})
+        self.necks = nn.ModuleDict({n: MultiScaleNeck(first.channels, first.strides, neck_channels, norm=norm) for n in tasks})
         self.heads = nn.ModuleDict(
-            {n: TaskHead(neck_channels, s.out_channels, head_channels) for n, s in tasks.items()}
+            {n: TaskHead(neck_channels, s.out_channels, head_channels, norm=norm) for n, s in tasks.items()}
         )
         self.output_stride = min(first.strides)
 

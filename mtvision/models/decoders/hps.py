@@ -21,16 +21,22 @@ class HPSDecoder(MultiTaskDecoder):
     Options:
         neck_channels: channels of the fused neck map.
         head_channels: hidden channels of each task head.
+        norm: normalisation in the neck and heads: "bn" (batch norm) or "gn" (group norm).
     """
 
     def __init__(
-        self, make_backbone: BackboneFactory, tasks: dict[str, Task], neck_channels: int = 128, head_channels: int = 64
+        self,
+        make_backbone: BackboneFactory,
+        tasks: dict[str, Task],
+        neck_channels: int = 128,
+        head_channels: int = 64,
+        norm: str = "bn",
     ):
         super().__init__(tasks)
         self.backbone = make_backbone()
-        self.neck = MultiScaleNeck(self.backbone.channels, self.backbone.strides, neck_channels)
+        self.neck = MultiScaleNeck(self.backbone.channels, self.backbone.strides, neck_channels, norm=norm)
         self.heads = nn.ModuleDict(
-            {n: TaskHead(neck_channels, t.out_channels, head_channels) for n, t in tasks.items()}
+            {n: TaskHead(neck_channels, t.out_channels, head_channels, norm=norm) for n, t in tasks.items()}
         )
         self.output_stride = self.neck.stride
         self._shared: list[Tensor] = []

@@ -1,0 +1,127 @@
+"""`mtv-eval TARGET`: evaluate a run, pretrained folder or checkpoint on a split; write metrics JSON
+and, on request, colorized prediction PNGs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mtvision.errors import MTVisionError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mtv-eval",
+        description="Evaluate a trained model. TARGET is a run folder (config.yaml + model/), a pretrained folder "
+        "(config.json + model.safetensors; give --config for the data) or a checkpoint folder under a run.",
+    )
+    parser.add_argument("target", type=Path, help="run folder, pretrained folder or checkpoint folder")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides of the experiment config, e.g. data.root=/data/NYUDv2")
+    parser.add_argument("--config", type=Path, help="experiment YAML (default: the run's config.yaml)")
+    parser.add_argument("--split", default="test", help="'test' (default), 'val' or a split name of the dataset")
+    parser.add_argument("--out", type=Path, help="metrics JSON (default: TARGET/metrics_<split>.json)")
+    parser.add_argument("--predictions", type=Path, help="also write colorized predictions (PNG) to this folder")
+    parser.add_argument("--npy", action="store_true", help="with --predictions, also write raw maps as .npy")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the config's train.batch_size")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    return parser
+
+
+def _find_run_config(target: Path) -> Path | None:
+    for folder in (target, target.parent, target.parent.parent, target.parent.parent.parent):
+        if (folder / "config.yaml").is_file():
+            return folder / "config.yaml"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (MTVisionError, FileNotFoundError) as exc:
+        print(f"mtv-eval: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from mtvision.config import ExperimentConfig, load_config
+    from mtvision.data.loader import build_loader
+    from mtvision.data.transforms import eval_transforms
+    from mtvision.engine import distributed as dist
+    from mtvision.engine.checkpoint import load_checkpoint
+    from mtvision.engine.data import make_dataset
+    from mtvision.engine.evaluator import evaluate
+    from mtvision.engine.loggers import format_metrics_table
+    from mtvision.engine.trainer import model_config_for
+    from mtvision.models.pretrained import load_model
+    from mtvision.models.registry import create_model
+
+    target = args.target
+    if not target.exists():
+        raise FileNotFoundError(f"{target} does not exist")
+    config_path = args.config or _find_run_config(target)
+    if config_path is None:
+        raise MTVisionError(f"no config.yaml found for {target}; pass --config with the experiment YAML (for its data section)")
+    cfg = load_config(ExperimentConfig, config_path, args.overrides)
+    info = dist.init_distributed(args.device)
+    if (target / "config.json").is_file():
+        model = load_model(target, device=info.device)
+    elif (target / "model" / "config.json").is_file():
+        model = load_model(target / "model", device=info.device)
+    elif (target / "state.json").is_file():
+        state = load_checkpoint(target)
+        data_probe = make_dataset(cfg.data, cfg.data.train_split)
+        model = create_model(model_config_for(cfg, data_probe.num_classes))
+        model.load_state_dict(state["model"])
+        model.to(info.device)
+    else:
+        raise MTVisionError(f"{target} is neither a run folder, a pretrained folder nor a checkpoint folder")
+    split = {"test": cfg.data.test_split, "val": cfg.data.val_split}.get(args.split, args.split)
+    pre = model.config.preprocess
+    dataset = make_dataset(cfg.data, split, eval_transforms(cfg.data.height, cfg.data.width, pre.mean, pre.std))
+    batch_size = args.batch_size or cfg.train.batch_size
+    loader = build_loader(dataset, batch_size, shuffle=False, num_workers=min(cfg.data.num_workers, 2), pad=False,
+                          num_replicas=info.world_size, rank=info.rank, persistent_workers=False)
+    tasks = {t: model.tasks[t] for t in cfg.data.tasks if t in model.tasks}
+    from mtvision.engine.progress import Progress
+
+    with Progress(len(loader), f"eval {split}", enabled=info.is_main) as bar:
+        metrics = evaluate(model, loader, tasks, dataset.meter_info(), info.device, progress=bar)
+    if info.is_main:
+        out = args.out or (target / f"metrics_{args.split}.json")
+        out.write_text(json.dumps({"split": split, "target": str(target), "metrics": metrics}, indent=2))
+        print(format_metrics_table(metrics))
+        print(f"metrics: {out}")
+    if args.predictions is not None and info.is_main:
+        _write_predictions(model, loader, tasks, info.device, args.predictions, args.npy, pre.mean, pre.std)
+    dist.cleanup()
+    return 0
+
+
+def _write_predictions(model, loader, tasks, device, folder: Path, npy: bool, mean, std) -> None:
+    """Colorized prediction PNGs, one per sample and task, with a progress bar."""
+    import numpy as np
+
+    from mtvision import visualize
+    from mtvision.engine.evaluator import predict_panels
+    from mtvision.engine.progress import Progress
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with Progress(len(loader), "predictions") as bar:
+        for batch in loader:
+            for panel in predict_panels(model, batch, tasks, device, mean, std, limit=batch["image"].shape[0]):
+                sid = panel["sample_id"]
+                visualize.save_png(str(folder / f"{sid}_image.png"), panel["image"])
+                for name, task in tasks.items():
+                    pred = panel["predictions"][name]
+                    visualize.save_png(str(folder / f"{sid}_{name}.png"), task.colorize(pred))
+                    if npy:
+                        np.save(folder / f"{sid}_{name}.npy", pred)
+            bar.update(1)
+    print(f"predictions: {folder}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,401 @@
+"""The training loop: `train(config)` runs one experiment end to end.
+
+Single process or torchrun (DDP), with AMP, gradient accumulation, periodic validation, best-model
+selection on the validation split, resumable checkpoints, SIGTERM/SIGINT handling, and a final
+report on the test split.  Per-task losses go to `objective.backward`, the one place loss
+weighting and gradient calibration plug into.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mtvision import visualize
+from mtvision.config import ExperimentConfig, config_to_dict, save_config
+from mtvision.data.sample import IMAGENET_MEAN, IMAGENET_STD
+from mtvision.engine import distributed as dist
+from mtvision.engine.checkpoint import CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state
+from mtvision.engine.data import RunData, build_run_data
+from mtvision.engine.evaluator import autocast_context, evaluate, predict_panels
+from mtvision.engine.loggers import PredictionPanel, build_loggers, format_metrics_table
+from mtvision.engine.objective import WeightedSum, compute_losses
+from mtvision.engine.progress import Progress
+from mtvision.engine.schedule import WarmupSchedule, build_scheduler
+from mtvision.engine.selection import Selector
+from mtvision.errors import MTVisionError
+from mtvision.models.config import ModelConfig
+from mtvision.models.registry import create_model
+
+
+class TrainingError(MTVisionError, RuntimeError):
+    """Training cannot go on (output folder in use, too many non-finite losses, ...)."""
+
+
+@dataclass
+class TrainResult:
+    """What a run produced."""
+
+    output_dir: Path
+    step: int
+    interrupted: bool
+    val_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    test_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    best_step: int | None = None
+    pretrained_dir: Path | None = None
+    skipped_steps: int = 0
+
+
+# ---------------------------------------------------------------------------------------- set-up
+def prepare_output_dir(path: str | Path, resume: bool, overwrite: bool, is_main: bool) -> Path:
+    """The run folder: refuses one that holds a previous run unless resuming or overwriting."""
+    out = Path(path)
+    used = out.exists() and any(out.iterdir())
+    if used and not (resume or overwrite):
+        raise TrainingError(
+            f"output_dir {str(out)!r} already holds a run; pass --resume to continue it or --overwrite to replace it"
+        )
+    if is_main:
+        if used and overwrite and not resume:
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    return out
+
+
+def model_config_for(cfg: ExperimentConfig, num_classes: dict[str, int]) -> ModelConfig:
+    """The model config of a run: the `model` section, with the run's tasks and class counts and
+    preprocessing matching the training size."""
+    section = dict(cfg.model)
+    section.setdefault("tasks", {t: num_classes.get(t) for t in cfg.data.tasks})
+    section.setdefault("preprocess", {"mode": "pad", "input_size": [cfg.data.height, cfg.data.width]})
+    model_cfg = ModelConfig.from_dict(section)
+    if list(model_cfg.tasks) != list(cfg.data.tasks):
+        raise TrainingError(f"model.tasks {list(model_cfg.tasks)} must match data.tasks {cfg.data.tasks}")
+    return model_cfg
+
+
+def build_optimizer(model: nn.Module, cfg: ExperimentConfig) -> torch.optim.Optimizer:
+    """AdamW / Adam / SGD; no weight decay on biases and normalisation weights (1-D parameters)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    o = cfg.optim
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if o.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
+    cls = torch.optim.AdamW if o.optimizer == "adamw" else torch.optim.Adam
+    return cls(groups, lr=o.lr, betas=tuple(o.betas))
+
+
+def total_steps(cfg: ExperimentConfig, batches_per_epoch: int) -> tuple[int, int]:
+    """(optimizer steps in the run, optimizer steps per epoch)."""
+    steps_per_epoch = batches_per_epoch // cfg.train.grad_accum
+    if steps_per_epoch < 1:
+        raise TrainingError(
+            f"an epoch has {batches_per_epoch} batches per process, fewer than train.grad_accum={cfg.train.grad_accum}: "
+            "use more samples or a smaller batch"
+        )
+    if cfg.train.iterations is not None:
+        return cfg.train.iterations, steps_per_epoch
+    return cfg.train.epochs * steps_per_epoch, steps_per_epoch
+
+
+class StopSignal:
+    """Turns SIGTERM / SIGINT into a flag the loop checks after each step (main thread only)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignal:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _agree(flag: bool, device: torch.device) -> bool:
+    """True when `flag` is set on any process."""
+    if not dist.world_size() > 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce_sum_(t)
+    return bool(t.item() > 0)
+
+
+# ---------------------------------------------------------------------------------------- the loop
+def train(
+    cfg: ExperimentConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    on_step: Callable[[int], None] | None = None,
+    device: str = "auto",
+) -> TrainResult:
+    """Run the experiment `cfg`; `on_step(step)` is called after every optimizer step (for tests)."""
+    cfg.validate()
+    info = dist.init_distributed(device)
+    try:
+        return _train(cfg, info, resume, overwrite, on_step)
+    finally:
+        dist.cleanup()
+
+
+def _train(cfg: ExperimentConfig, info: dist.DistInfo, resume: bool, overwrite: bool, on_step) -> TrainResult:
+    tc = cfg.train
+    dev = info.device
+    out = prepare_output_dir(cfg.output_dir, resume, overwrite, info.is_main)
+    ckpts = CheckpointManager(out, keep_last=tc.keep_last)
+    start_ckpt = ckpts.latest() if resume else None
+    if resume and start_ckpt is None:
+        raise TrainingError(f"--resume: no checkpoint found under {out / 'checkpoints'}")
+    if info.is_main:
+        save_config(cfg, out / "config.yaml")
+    dist.seed_everything(tc.seed, 0, tc.deterministic)  # identical initial weights on every rank
+
+    preprocess = cfg.model.get("preprocess") or {}
+    mean, std = preprocess.get("mean", IMAGENET_MEAN), preprocess.get("std", IMAGENET_STD)
+    data: RunData = build_run_data(cfg.data, tc.batch_size, mean, std, info.rank, info.world_size)
+    model_cfg = model_config_for(cfg, data.num_classes)
+    model = create_model(model_cfg).to(dev)
+    tasks = model.tasks
+    if tc.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if info.is_distributed and tc.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    core = model  # the unwrapped model: checkpoints, exports, evaluation
+    optimizer = build_optimizer(core, cfg)
+    steps, steps_per_epoch = total_steps(cfg, len(data.train))
+    o = cfg.optim
+    scheduler = build_scheduler(
+        optimizer, WarmupSchedule(steps, o.schedule, min(o.warmup_iters, steps), o.warmup_ratio, o.poly_power, o.min_lr / o.lr)
+    )
+    scaler = torch.amp.GradScaler(dev.type, enabled=tc.amp == "fp16")
+    objective = WeightedSum(o.loss_weights)
+    selector = Selector(tc.select_metric, tasks, references=None)
+    if info.is_distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    if tc.compile:
+        model = torch.compile(model)
+
+    step, epoch, skipped, nonfinite_run = 0, 0, 0, 0
+    val_metrics: dict[str, dict[str, float]] = {}
+    if start_ckpt is not None:
+        state = load_checkpoint(start_ckpt)
+        core.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        objective.load_state_dict(state["weighting"])
+        selector.load_state_dict(state["selection"])
+        step, epoch, skipped = state["step"], state["epoch"], state["skipped_steps"]
+        val_metrics = state.get("metrics") or {}
+        data.sampler.load_state_dict(state["sampler"][info.rank])
+        restore_rng_state(state["rng"][info.rank])
+    else:
+        data.sampler.set_epoch(0)
+        dist.seed_everything(tc.seed + 1, info.rank, tc.deterministic)  # per-rank training randomness
+
+    loggers = build_loggers(
+        out,
+        wandb=cfg.logging.wandb,
+        wandb_project=cfg.logging.wandb_project,
+        wandb_entity=cfg.logging.wandb_entity,
+        wandb_run_name=cfg.logging.wandb_run_name,
+        wandb_tags=cfg.logging.wandb_tags,
+        config=config_to_dict(cfg),
+        is_main_process=info.is_main,
+    )
+    if info.is_main:
+        print(f"mtvision: {cfg.data.dataset} {cfg.data.tasks} | {model_cfg.backbone.name} + {model_cfg.decoder} | "
+              f"{steps} steps ({steps_per_epoch}/epoch) | {info.world_size} process(es) on {dev} | output {out}", flush=True)
+
+    def checkpoint_state() -> dict[str, Any]:
+        samplers = dist.all_gather_objects(data.sampler.state_dict())
+        rngs = dist.all_gather_objects(capture_rng_state())
+        return {
+            "model": core.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "weighting": objective.state_dict(),
+            "calibrator": None,
+            "selection": selector.state_dict(),
+            "rng": rngs,
+            "sampler": samplers,
+            "epoch": epoch,
+            "step": step,
+            "skipped_steps": skipped,
+            "config": config_to_dict(cfg),
+            "metrics": val_metrics,
+        }
+
+    def save(is_best: bool) -> None:
+        state = checkpoint_state()  # every rank joins the gathers
+        if info.is_main:
+            ckpts.save(state, step, is_best=is_best)
+        dist.barrier()
+
+    def validate() -> None:
+        nonlocal val_metrics
+        val_metrics = evaluate(core, data.val, tasks, data.meter_info, dev, tc.amp)
+        score, best = selector.update(val_metrics, step)
+        values = {f"val/{t}/{k}": v for t, m in val_metrics.items() for k, v in m.items()}
+        values["val/score"] = score
+        loggers.log_scalars(values, step)
+        if info.is_main:
+            print(f"\nvalidation at step {step} ({tc.select_metric} score {score:+.3f}{', best' if best else ''}):\n"
+                  + format_metrics_table(val_metrics), flush=True)
+            _log_pictures(core, data, tasks, dev, mean, std, cfg.logging.num_val_images, loggers, step, out)
+        save(is_best=best)
+
+    batches = _batches(data, epoch)
+    progress = Progress(steps, "train", mode=cfg.logging.console, interval=cfg.logging.log_interval, enabled=info.is_main)
+    progress.update(step)
+    window: dict[str, float] = {}
+    window_n, window_images, window_start = 0, 0, time.perf_counter()
+    interrupted = False
+    model.train()
+    with StopSignal() as stop:
+        while step < steps:
+            optimizer.zero_grad(set_to_none=True)
+            step_losses: dict[str, float] = {}
+            finite = True
+            for micro in range(tc.grad_accum):
+                epoch, batch = next(batches)
+                images = batch["image"].to(dev, non_blocking=True)
+                if tc.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                targets = {t: batch[t].to(dev, non_blocking=True) for t in tasks}
+                sync = micro == tc.grad_accum - 1 or not info.is_distributed
+                with (nullcontext() if sync else model.no_sync()), autocast_context(dev, tc.amp):
+                    outputs = model(images)
+                losses = compute_losses(outputs, targets, tasks)
+                total = objective.backward(losses, scale=1.0 / tc.grad_accum, scaler=scaler if tc.amp == "fp16" else None)
+                finite &= bool(torch.isfinite(total))
+                for t, v in losses.items():
+                    step_losses[t] = step_losses.get(t, 0.0) + float(v.detach()) / tc.grad_accum
+                data.sampler.advance(images.shape[0])
+                window_images += images.shape[0] * info.world_size
+            if not _agree(not finite, dev):
+                nonfinite_run = 0
+                if tc.amp == "fp16":
+                    scaler.unscale_(optimizer)
+                if o.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(core.parameters(), o.grad_clip)
+                if tc.amp == "fp16":
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+            else:
+                skipped += 1
+                nonfinite_run += 1
+                optimizer.zero_grad(set_to_none=True)
+                if info.is_main:
+                    print(f"\nstep {step}: non-finite loss {step_losses}; step skipped ({nonfinite_run} in a row)", flush=True)
+                if nonfinite_run >= tc.max_nonfinite_steps:
+                    raise TrainingError(
+                        f"{nonfinite_run} consecutive steps had non-finite losses (last: {step_losses}); stopping. "
+                        "Lower optim.lr, enable optim.grad_clip, or check the data."
+                    )
+            scheduler.step()
+            step += 1
+            for t, v in step_losses.items():
+                window[t] = window.get(t, 0.0) + v
+            window_n += 1
+            loss_sum = sum(step_losses.values())
+            lr = optimizer.param_groups[0]["lr"]
+            progress.update(1, loss=loss_sum, lr=lr)
+            if step % cfg.logging.log_interval == 0 or step == steps:
+                elapsed = max(time.perf_counter() - window_start, 1e-9)
+                scalars = {f"train/loss/{t}": v / window_n for t, v in window.items()}
+                scalars.update({"train/loss": sum(window.values()) / window_n, "train/lr": lr, "train/images_per_s": window_images / elapsed,
+                                "train/epoch": epoch, "train/skipped_steps": skipped})
+                loggers.log_scalars(scalars, step)
+                window, window_n, window_images, window_start = {}, 0, 0, time.perf_counter()
+            if on_step is not None:
+                on_step(step)
+            if step % tc.eval_interval == 0 or step == steps:
+                validate()
+            if _agree(stop.requested, dev) and step < steps:
+                interrupted = True
+                save(is_best=False)
+                if info.is_main:
+                    print(f"\nstopped by signal at step {step}; resume with --resume", flush=True)
+                break
+    progress.close()
+
+    result = TrainResult(out, step, interrupted, val_metrics, best_step=selector.best_step, skipped_steps=skipped)
+    if not interrupted:
+        result.test_metrics, result.pretrained_dir = _finish(core, ckpts, data, tasks, dev, tc.amp, out, info, loggers)
+        result.best_step = selector.best_step
+    loggers.close()
+    return result
+
+
+def _batches(data: RunData, epoch: int):
+    """Endless (epoch, batch) pairs; the sampler carries the epoch and the position within it."""
+    while True:
+        if data.sampler.epoch != epoch:
+            data.sampler.set_epoch(epoch)
+        if data.sampler.remaining >= data.train.batch_size:  # a finished epoch would restart: skip it
+            for batch in data.train:
+                yield epoch, batch
+        epoch += 1
+
+
+def _log_pictures(core, data: RunData, tasks, dev, mean, std, limit: int, loggers, step: int, out: Path) -> None:
+    """A few validation predictions: to the loggers (W&B) and as `predictions.png` in the run folder."""
+    if limit <= 0:
+        return
+    batch = next(iter(data.val))
+    panels = predict_panels(core, batch, tasks, dev, mean, std, limit)
+    loggers.log_predictions(step, [PredictionPanel(class_names=data.class_names or None, **p) for p in panels])
+    rows = []
+    for p in panels:
+        row = [p["image"]]
+        for name, task in tasks.items():
+            row += [task.colorize(p["targets"][name]), task.colorize(p["predictions"][name])]
+        rows.append(row)
+    titles = ["image"] + [f"{n} {kind}" for n in tasks for kind in ("gt", "pred")]
+    visualize.save_png(str(out / "predictions.png"), visualize.image_grid(rows, titles=titles))
+
+
+def _finish(core, ckpts: CheckpointManager, data: RunData, tasks, dev, amp: str, out: Path, info, loggers):
+    """Load the best checkpoint, report the test split, export the pretrained folder."""
+    best = ckpts.best()
+    if best is not None:
+        core.load_state_dict(load_checkpoint(best)["model"])
+    test_metrics = evaluate(core, data.test, tasks, data.meter_info, dev, amp)
+    pretrained = out / "model"
+    if info.is_main:
+        core.save_pretrained(pretrained)
+        loggers.log_scalars({f"test/{t}/{k}": v for t, m in test_metrics.items() for k, v in m.items()}, 0)
+        loggers.log_artifact(pretrained, name="model", kind="model", aliases=["best"])
+        print("\ntest split (best validation checkpoint):\n" + format_metrics_table(test_metrics), flush=True)
+        print(f"pretrained model: {pretrained}  (mtvision.load({str(pretrained)!r}))", flush=True)
+        print(f"predictions: {out / 'predictions.png'}", flush=True)
+    dist.barrier()
+    return test_metrics, pretrained
+

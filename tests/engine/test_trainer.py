@@ -1,0 +1,183 @@
+"""End-to-end training on tiny synthetic runs: outputs, resume exactness, faults, DDP equivalence."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtvision.config import ExperimentConfig, from_dict
+from mtvision.engine.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
+from mtvision.engine.trainer import TrainingError, train
+
+
+def tiny_config(out: Path, backbone: str = "test_resnet", **sections) -> ExperimentConfig:
+    data = {
+        "dataset": "synthetic",
+        "tasks": ["semseg", "depth", "normals", "edge"],
+        "height": 32,
+        "width": 40,
+        "scale_range": [0.8, 1.25],
+        "num_samples": {"train": 16, "val": 4, "test": 4},
+        "num_workers": 0,
+        "pin_memory": False,
+    }
+    train_cfg = {"iterations": 8, "batch_size": 4, "eval_interval": 4, "seed": 3, "deterministic": True}
+    optim = {"optimizer": "adamw", "lr": 1e-3, "warmup_iters": 2}
+    logging = {"console": "plain", "log_interval": 2, "num_val_images": 2}
+    data.update(sections.pop("data", {}))
+    train_cfg.update(sections.pop("train", {}))
+    optim.update(sections.pop("optim", {}))
+    logging.update(sections.pop("logging", {}))
+    raw = {
+        "output_dir": str(out),
+        "data": data,
+        "train": train_cfg,
+        "optim": optim,
+        "logging": logging,
+        "model": {"backbone": {"name": backbone}, "decoder": "hps", **sections.pop("model", {})},
+    }
+    return from_dict(ExperimentConfig, raw)
+
+
+# Pixel-averaged losses (masked L1, ignore-aware CE) average over each batch's valid pixels, so a
+# batch of 8 equals two batches of 4 only when every sample has the same number of valid pixels:
+# no random scaling (whose padding marks pixels invalid) for the equivalence tests.  Batch norm
+# depends on the batch split too: the equivalence tests use a LayerNorm backbone and group norm.
+NO_PADDING = {"photometric": False, "scale_range": [1.0, 1.0]}
+GROUP_NORM = {"decoder_options": {"norm": "gn"}}
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(CheckpointManager(out).latest())["model"]
+
+
+def test_a_run_writes_everything_a_user_needs(tmp_path, capsys):
+    import mtvision
+
+    result = train(tiny_config(tmp_path / "run"), device="cpu")
+    out = tmp_path / "run"
+    assert result.step == 8 and not result.interrupted and result.skipped_steps == 0
+    assert (out / "config.yaml").is_file() and (out / "metrics.jsonl").is_file() and (out / "predictions.png").is_file()
+    assert set(result.test_metrics) == {"semseg", "depth", "normals", "edge"}
+    assert "mIoU" in result.test_metrics["semseg"] and "rmse" in result.test_metrics["depth"]
+    assert result.best_step in (4, 8)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert any('"train/loss/semseg"' in line for line in lines) and any('"val/depth/rmse"' in line for line in lines)
+    predictor = mtvision.load(out / "model")
+    import numpy as np
+
+    maps = predictor.predict(np.zeros((30, 41, 3), np.uint8))
+    assert maps["semseg"].shape == (30, 41) and maps["depth"].shape == (30, 41)
+    printed = capsys.readouterr().out
+    assert "test split" in printed and "pretrained model" in printed
+
+
+def test_refuses_a_used_output_dir_unless_resume_or_overwrite(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "something").write_text("x")
+    with pytest.raises(TrainingError, match="--resume .* --overwrite"):
+        train(tiny_config(out, train={"iterations": 2, "eval_interval": 2}), device="cpu")
+    result = train(tiny_config(out, train={"iterations": 2, "eval_interval": 2}), overwrite=True, device="cpu")
+    assert result.step == 2 and not (out / "something").exists()
+
+
+def test_sigterm_mid_epoch_then_resume_gives_the_uninterrupted_parameters(tmp_path):
+    # 16 samples / batch 4 = 4 steps per epoch: stopping at step 6 is mid-way through the second epoch
+    reference = tiny_config(tmp_path / "ref")
+    train(reference, device="cpu")
+
+    def kill_at_6(step: int) -> None:
+        if step == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    interrupted = train(tiny_config(tmp_path / "cut"), on_step=kill_at_6, device="cpu")
+    assert interrupted.interrupted and interrupted.step == 6
+    resumed = train(tiny_config(tmp_path / "cut"), resume=True, device="cpu")
+    assert resumed.step == 8 and not resumed.interrupted
+    want, got = final_weights(tmp_path / "ref"), final_weights(tmp_path / "cut")
+    assert want.keys() == got.keys()
+    for key in want:
+        assert torch.equal(want[key], got[key]), key
+
+
+def test_resume_without_checkpoint_and_from_a_corrupt_one(tmp_path):
+    with pytest.raises(TrainingError, match="no checkpoint"):
+        train(tiny_config(tmp_path / "none"), resume=True, device="cpu")
+    out = tmp_path / "run"
+    train(tiny_config(out, train={"iterations": 4, "eval_interval": 2}), device="cpu")
+    manager = CheckpointManager(out)
+    latest, older = manager.latest(), manager.checkpoints()[0]
+    (latest / "tensors.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="tensors.safetensors"):
+        train(tiny_config(out, train={"iterations": 8, "eval_interval": 2}), resume=True, device="cpu")
+    assert load_checkpoint(older)["step"] == 2  # the previous good checkpoint is intact
+
+
+def test_non_finite_losses_are_skipped_and_counted_then_stop(tmp_path, monkeypatch, capsys):
+    import mtvision.engine.trainer as trainer_module
+
+    real = trainer_module.compute_losses
+    calls = {"n": 0}
+
+    def sometimes_nan(outputs, batch, tasks):
+        calls["n"] += 1
+        losses = real(outputs, batch, tasks)
+        if calls["n"] in (2, 3):
+            losses["depth"] = losses["depth"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(trainer_module, "compute_losses", sometimes_nan)
+    result = train(tiny_config(tmp_path / "a", train={"iterations": 5, "eval_interval": 5}), device="cpu")
+    assert result.skipped_steps == 2 and result.step == 5
+    weights = final_weights(tmp_path / "a")
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+    monkeypatch.setattr(trainer_module, "compute_losses", lambda o, b, t: {k: v * float("inf") for k, v in real(o, b, t).items()})
+    with pytest.raises(TrainingError, match="3 consecutive steps had non-finite losses"):
+        train(tiny_config(tmp_path / "b", train={"max_nonfinite_steps": 3}), device="cpu")
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    """2 accumulated micro-batches of 4 = one batch of 8 (LayerNorm backbone: no batch statistics)."""
+    big = tiny_config(tmp_path / "big", backbone="test_convnext", model=GROUP_NORM, data=NO_PADDING, train={"iterations": 3, "eval_interval": 3, "batch_size": 8})
+    acc = tiny_config(tmp_path / "acc", backbone="test_convnext", model=GROUP_NORM, data=NO_PADDING, train={"iterations": 3, "eval_interval": 3, "batch_size": 4, "grad_accum": 2})
+    train(big, device="cpu")
+    train(acc, device="cpu")
+    want, got = final_weights(tmp_path / "big"), final_weights(tmp_path / "acc")
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(
+        {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world),
+         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    )
+    torch.set_num_threads(1)
+    cfg = tiny_config(Path(out), backbone="test_convnext", model=GROUP_NORM, data=NO_PADDING, train={"iterations": 3, "eval_interval": 3, "batch_size": 4, "deterministic": False})
+    train(cfg, device="cpu")
+
+
+def test_ddp_two_processes_of_batch_4_match_one_process_of_batch_8(tmp_path):
+    single = tiny_config(tmp_path / "single", backbone="test_convnext", model=GROUP_NORM, data=NO_PADDING, train={"iterations": 3, "eval_interval": 3, "batch_size": 8, "deterministic": False})
+    train(single, device="cpu")
+    ctx = torch.multiprocessing.start_processes(
+        _ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=False, start_method="fork"
+    )
+    while not ctx.join(timeout=120):
+        pass
+    want, got = final_weights(tmp_path / "single"), final_weights(tmp_path / "ddp")
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5)
