@@ -2,7 +2,7 @@
 
 from mtvision.metrics.base import Meter
 from mtvision.metrics.boundary import BoundaryMeter
-from mtvision.metrics.delta import ReferenceError, delta_m, load_references
+from mtvision.metrics.delta import ReferencesError, delta_m, load_references
 from mtvision.metrics.depth import DepthMeter
 from mtvision.metrics.normals import NormalsMeter
 from mtvision.metrics.saliency import SaliencyMeter
@@ -13,7 +13,7 @@ __all__ = [
     "DepthMeter",
     "Meter",
     "NormalsMeter",
-    "ReferenceError",
+    "ReferencesError",
     "SaliencyMeter",
     "SegmentationMeter",
     "delta_m",

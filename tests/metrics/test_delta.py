@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from mtvision.metrics.delta import ReferenceError, delta_m, load_references
+from mtvision.metrics.delta import ReferencesError, delta_m, load_references
 
 HIGHER = {"semseg": {"mIoU": True, "pixAcc": True}, "depth": {"rmse": False}}
 
@@ -23,9 +23,9 @@ def test_all_metrics_variant_weights_every_metric_equally():
 
 
 def test_missing_reference_and_direction_are_errors():
-    with pytest.raises(ReferenceError, match="depth.rmse"):
+    with pytest.raises(ReferencesError, match="depth.rmse"):
         delta_m({"depth": {"rmse": 1.0}}, {"depth": {}}, {"depth": "rmse"}, HIGHER)
-    with pytest.raises(ReferenceError, match="unknown direction"):
+    with pytest.raises(ReferencesError, match="unknown direction"):
         delta_m({"edge": {"odsF": 1.0}}, {"edge": {"odsF": 2.0}}, {"edge": "odsF"}, HIGHER)
 
 
@@ -33,10 +33,10 @@ def test_load_references(tmp_path):
     path = tmp_path / "refs.json"
     path.write_text(json.dumps({"semseg": {"mIoU": 40}, "depth": {"rmse": 0.5}}))
     assert load_references(path, ["semseg"]) == {"semseg": {"mIoU": 40.0}, "depth": {"rmse": 0.5}}
-    with pytest.raises(ReferenceError, match="no entry for task"):
+    with pytest.raises(ReferencesError, match="no entry for task"):
         load_references(path, ["normals"])
     path.write_text("{not json")
-    with pytest.raises(ReferenceError, match="not valid JSON"):
+    with pytest.raises(ReferencesError, match="not valid JSON"):
         load_references(path)
-    with pytest.raises(ReferenceError, match="does not exist"):
+    with pytest.raises(ReferencesError, match="does not exist"):
         load_references(tmp_path / "missing.json")
