@@ -23,6 +23,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from mtvision.atomic import atomic_write_bytes
 from mtvision.errors import MTVisionError, UnknownNameError, closest
 
 T = TypeVar("T")
@@ -308,7 +309,6 @@ def load_config(cls: type[T], path: str | Path, overrides: Sequence[str] = ()) -
 
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config atomically: JSON when `path` ends with .json, else YAML."""
-    from mtvision.engine.checkpoint import atomic_write_bytes
 
     data = config_to_dict(cfg)
     if str(path).endswith(".json"):

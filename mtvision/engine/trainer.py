@@ -218,6 +218,7 @@ def _train(cfg: ExperimentConfig, info: dist.DistInfo, resume: bool, overwrite: 
 
     loggers = build_loggers(
         out,
+        console=False,  # the loop prints its own tables
         wandb=cfg.logging.wandb,
         wandb_project=cfg.logging.wandb_project,
         wandb_entity=cfg.logging.wandb_entity,
@@ -270,7 +271,10 @@ def _train(cfg: ExperimentConfig, info: dist.DistInfo, resume: bool, overwrite: 
         save(is_best=best)
 
     batches = _batches(data, epoch)
-    progress = Progress(steps, "train", mode=cfg.logging.console, interval=cfg.logging.log_interval, enabled=info.is_main)
+    progress = Progress(
+        steps, "train", mode=cfg.logging.console, interval=cfg.logging.log_interval, enabled=info.is_main,
+        images_per_step=tc.batch_size * tc.grad_accum * info.world_size,
+    )
     progress.update(step)
     window: dict[str, float] = {}
     window_n, window_images, window_start = 0, 0, time.perf_counter()

@@ -10,20 +10,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from mtvision.config import ConfigError, from_dict
 from mtvision.data.sample import IMAGENET_MEAN, IMAGENET_STD
-from mtvision.errors import MTVisionError, closest
+from mtvision.errors import closest
 
 RESIZE_MODES = ("pad", "letterbox", "stretch")
-
-
-class ConfigError(MTVisionError, ValueError):
-    """A model config or config.json that is malformed, unknown or from a newer version."""
 
 
 @dataclass
@@ -107,9 +102,9 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
         """Strictly parse a dict (unknown keys are errors naming the closest valid key)."""
-        config = _build(cls, data, "")
-        config.validate()
-        return config
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"a model config must be a mapping, got {type(data).__name__}")
+        return from_dict(cls, data)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -128,64 +123,3 @@ class ModelConfig:
         if not isinstance(data, Mapping):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         return cls.from_dict(data)
-
-
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    if isinstance(data, cls):
-        return data
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            hint = closest(str(key), names)
-            extra = f"; did you mean {prefix + hint!r}?" if hint else ""
-            raise ConfigError(f"unknown config key {prefix + str(key)!r}{extra} (valid: {', '.join(names)})")
-        hint_type = hints[key]
-        if dataclasses.is_dataclass(hint_type):
-            kwargs[key] = _build(hint_type, value, f"{prefix}{key}.")
-        else:
-            kwargs[key] = _check_type(value, hint_type, prefix + key)
-    return cls(**kwargs)
-
-
-def _check_type(value: Any, hint: Any, where: str) -> Any:
-    """Light type check of a leaf value against its annotation; tuples become lists."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        for opt in options:
-            if opt is type(None):
-                continue
-            try:
-                return _check_type(value, opt, where)
-            except ConfigError:
-                continue
-        raise ConfigError(f"config key {where!r} has a value of the wrong type: {value!r}")
-    if hint is Any:
-        return value
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key {where!r} must be a list, got {value!r}")
-        (item,) = typing.get_args(hint)
-        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"config key {where!r} must be a mapping, got {value!r}")
-        _, item = typing.get_args(hint)
-        return {str(k): _check_type(v, item, f"{where}.{k}") for k, v in value.items()}
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key {where!r} must be a number, got {value!r}")
-        return float(value)
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key {where!r} must be an integer, got {value!r}")
-        return value
-    if hint in (bool, str) and not isinstance(value, hint):
-        raise ConfigError(f"config key {where!r} must be a {hint.__name__}, got {value!r}")
-    return value

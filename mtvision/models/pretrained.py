@@ -11,12 +11,12 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mtvision.atomic import atomic_write_path
 from mtvision.errors import MTVisionError, closest
 from mtvision.models.config import ConfigError, ModelConfig
 
@@ -29,27 +29,6 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 class CheckpointError(MTVisionError, ValueError):
     """A weights file that is missing, corrupt, not safetensors, or does not fit the model."""
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call `write(tmp_path)` on a temporary file next to `path`, fsync it, then rename it to `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def folder_config(model: torch.nn.Module) -> dict[str, Any]:
@@ -70,14 +49,14 @@ def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike) -> Non
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     meta = {"format": "pt", "mtvision_format_version": str(FORMAT_VERSION)}
-    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata=meta))
+    atomic_write_path(directory / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata=meta))
     text = json.dumps(folder_config(model), indent=2) + "\n"
 
-    def write_json(tmp: str) -> None:
+    def write_json(tmp: Path) -> None:
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
 
-    atomic_write(directory / CONFIG_NAME, write_json)
+    atomic_write_path(directory / CONFIG_NAME, write_json)
 
 
 def parse_folder_config(data: Any, source: str = CONFIG_NAME) -> ModelConfig:

@@ -16,14 +16,14 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from mtvision import atomic
+from mtvision.atomic import atomic_write, atomic_write_bytes
 from mtvision.engine import checkpoint as ckpt
 from mtvision.engine.checkpoint import (
     STATE_FILE,
     TENSORS_FILE,
     CheckpointError,
     CheckpointManager,
-    atomic_write,
-    atomic_write_bytes,
     capture_rng_state,
     load_checkpoint,
     restore_rng_state,
@@ -80,8 +80,8 @@ class Budget:
 
 
 def full_disk_after(monkeypatch, budget: int) -> None:
-    real = ckpt._open_new
-    monkeypatch.setattr(ckpt, "_open_new", lambda path: Budget(real(path), budget))
+    real = atomic._open_new
+    monkeypatch.setattr(atomic, "_open_new", lambda path: Budget(real(path), budget))
 
 
 def listing(folder: Path) -> list[str]:

@@ -1,0 +1,28 @@
+"""Every shipped experiment config loads strictly and describes a buildable model config."""
+
+from pathlib import Path
+
+import pytest
+
+from mtvision.config import ExperimentConfig, load_config
+from mtvision.models.config import ModelConfig
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+
+
+def test_there_are_configs_for_each_dataset():
+    folders = {p.parent.name for p in CONFIGS}
+    assert {"synthetic", "nyud", "pascal"} <= folders
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_config_loads_and_model_section_parses(path):
+    cfg = load_config(ExperimentConfig, path)
+    cfg.validate()
+    section = dict(cfg.model)
+    section.setdefault("tasks", {t: None for t in cfg.data.tasks})
+    model = ModelConfig.from_dict(section)
+    assert list(model.tasks) == cfg.data.tasks
+    if cfg.data.dataset != "synthetic":
+        assert cfg.data.holdout_fraction > 0, "real datasets select models on a hold-out, never on the test split"
+        assert model.backbone.weights, "real-data recipes start from local pretrained weights"
