@@ -14,10 +14,10 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 import torch
 
+from mtvision.cv import cv2
 from mtvision.errors import MTVisionError
 from mtvision.models.config import PreprocessConfig
 from mtvision.models.heads import resize_to

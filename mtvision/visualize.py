@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
+
+from mtvision.cv import cv2
 
 
 def label_palette(num: int = 256) -> np.ndarray:

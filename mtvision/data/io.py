@@ -11,10 +11,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import scipy.io
 
+from mtvision.cv import cv2
 from mtvision.errors import DatasetError
 
 PathLike = str | os.PathLike

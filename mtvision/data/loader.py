@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import random
-import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -203,15 +202,12 @@ def worker_init_fn(worker_id: int) -> None:
 
     The DataLoader seeds torch with `base_seed + worker_id` (and its own derivation of numpy and
     `random`); this makes numpy and `random` an explicit function of that torch seed, so a
-    worker's random stream can be replayed from `torch.initial_seed()` alone.  It also limits
-    OpenCV, if loaded, to one thread per worker (workers already run in parallel).
+    worker's random stream can be replayed from `torch.initial_seed()` alone.  (OpenCV threading
+    is off in every process: see `mtvision.cv`.)
     """
     seed = torch.initial_seed()
     np.random.seed(np.random.SeedSequence(seed).generate_state(4))
     random.seed(seed)
-    cv2 = sys.modules.get("cv2")
-    if cv2 is not None:
-        cv2.setNumThreads(1)
 
 
 def _loader_seed(seed: int, rank: int) -> int:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
 from mtvision import visualize
+from mtvision.cv import cv2
 from mtvision.data.synthetic import generate
 
 PREVIEW_COLUMNS = ("image", "semseg", "depth", "normals", "edge", "saliency")

@@ -24,10 +24,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import albumentations.augmentations.pixel.functional as fpixel
-import cv2
 import numpy as np
 import torch
 
+from mtvision.cv import cv2
 from mtvision.data.sample import IMAGENET_MEAN, IMAGENET_STD, to_sample
 from mtvision.errors import DatasetError, unknown_name
 from mtvision.tasks import TASKS, Task

@@ -275,3 +275,35 @@ def test_build_loader_with_workers_matches_in_process_loading() -> None:
     got = [b["x"].flatten().tolist() for b in workers]
     assert len(got) == 2 and all(len(b) == 3 for b in got)
     assert got == [b["x"].flatten().tolist() for b in plain][:2]
+
+
+def test_forked_workers_do_not_hang_after_the_parent_used_opencv(tmp_path):
+    """Regression: a worker forked while OpenCV's thread pool was busy hung in its first cv2 call."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import numpy as np, torch
+        from mtvision.cv import cv2
+        from mtvision.data.loader import build_loader
+
+        big = np.random.rand(1024, 1024, 3).astype(np.float32)
+        for _ in range(20):  # keep OpenCV busy in the parent, as drawing previews does
+            cv2.resize(big, (1500, 1300), interpolation=cv2.INTER_LINEAR)
+
+        class Resizing(torch.utils.data.Dataset):
+            def __len__(self):
+                return 8
+            def __getitem__(self, i):
+                return {"x": torch.from_numpy(cv2.resize(big, (64, 48)))}
+
+        for epoch in range(2):
+            n = sum(1 for _ in build_loader(Resizing(), 2, shuffle=False, num_workers=2, persistent_workers=False))
+            assert n == 4
+        print("ok")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr
