@@ -27,7 +27,7 @@ from mtvision.engine import distributed as dist
 from mtvision.engine.checkpoint import CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state
 from mtvision.engine.data import RunData, build_run_data
 from mtvision.engine.evaluator import autocast_context, evaluate, predict_panels
-from mtvision.engine.loggers import PredictionPanel, build_loggers, format_metrics_table
+from mtvision.engine.loggers import PredictionPanel, build_loggers, colour_pair, format_metrics_table
 from mtvision.engine.objective import WeightedSum, compute_losses
 from mtvision.engine.progress import Progress
 from mtvision.engine.schedule import WarmupSchedule, build_scheduler
@@ -38,7 +38,11 @@ from mtvision.models.registry import create_model
 
 
 class TrainingError(MTVisionError, RuntimeError):
-    """Training cannot go on (output folder in use, too many non-finite losses, ...)."""
+    """Training cannot go on (too many non-finite losses, ...)."""
+
+
+class RunFolderError(TrainingError, ValueError):
+    """The output folder does not fit the request (in use without --resume/--overwrite, nothing to resume)."""
 
 
 @dataclass
@@ -61,7 +65,7 @@ def prepare_output_dir(path: str | Path, resume: bool, overwrite: bool, is_main:
     out = Path(path)
     used = out.exists() and any(out.iterdir())
     if used and not (resume or overwrite):
-        raise TrainingError(
+        raise RunFolderError(
             f"output_dir {str(out)!r} already holds a run; pass --resume to continue it or --overwrite to replace it"
         )
     if is_main:
@@ -168,7 +172,7 @@ def _train(cfg: ExperimentConfig, info: dist.DistInfo, resume: bool, overwrite: 
     ckpts = CheckpointManager(out, keep_last=tc.keep_last)
     start_ckpt = ckpts.latest() if resume else None
     if resume and start_ckpt is None:
-        raise TrainingError(f"--resume: no checkpoint found under {out / 'checkpoints'}")
+        raise RunFolderError(f"--resume: no checkpoint found under {out / 'checkpoints'}")
     if info.is_main:
         save_config(cfg, out / "config.yaml")
     dist.seed_everything(tc.seed, 0, tc.deterministic)  # identical initial weights on every rank
@@ -379,8 +383,8 @@ def _log_pictures(core, data: RunData, tasks, dev, mean, std, limit: int, logger
     rows = []
     for p in panels:
         row = [p["image"]]
-        for name, task in tasks.items():
-            row += [task.colorize(p["targets"][name]), task.colorize(p["predictions"][name])]
+        for name in tasks:
+            row += list(colour_pair(name, p["targets"][name], p["predictions"][name]))  # one colour scale
         rows.append(row)
     titles = ["image"] + [f"{n} {kind}" for n in tasks for kind in ("gt", "pred")]
     visualize.save_png(str(out / "predictions.png"), visualize.image_grid(rows, titles=titles))
