@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test lint bench clean
+.PHONY: setup train test lint bench preview clean
 
 setup: $(STAMP)
 
@@ -14,8 +14,10 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/pip install -e '.[dev]'
 	touch $(STAMP)
 
+# the main job; it replaces the previous main-job run in $(RUN)
+RUN ?= runs/synthetic_hps_resnet18
 train: $(STAMP)
-	$(BIN)/mtv-make-synthetic --out runs/synthetic_preview --num 16 --height 128 --width 160
+	OMP_NUM_THREADS=2 $(BIN)/mtv-train configs/synthetic/hps_resnet18_128x160.yaml output_dir=$(RUN) --overwrite
 
 # one BLAS/OpenMP thread per process: the suite runs several processes on 2 cores, and waiting
 # OpenMP threads slow small tensors down by orders of magnitude there
@@ -24,6 +26,9 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check mtvision tools tests benchmarks datasets
+
+preview: $(STAMP)
+	$(BIN)/mtv-make-synthetic --out runs/synthetic_preview --num 16 --height 128 --width 160
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_synthetic.py
