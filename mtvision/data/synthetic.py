@@ -74,11 +74,12 @@ class Primitive:
 
     def corners(self) -> np.ndarray:
         """8 x 3 world corners of a box that bounds the primitive."""
-        sx, sy, sz = self.size
-        local = np.array([[x, y, z] for x in (-sx, sx) for y in (-sy, sy) for z in (-sz, sz)], dtype=np.float32)
         c, s = math.cos(self.yaw), math.sin(self.yaw)
         rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]], dtype=np.float32)
-        return local @ rot.T + self.center
+        return (_CORNER_SIGNS * self.size) @ rot.T + self.center
+
+
+_CORNER_SIGNS = np.array([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)], dtype=np.float32)
 
 
 @dataclass
@@ -278,21 +279,31 @@ def make_camera(rng: np.random.Generator, scene: Scene, height: int, width: int)
 
 
 # ---------------------------------------------------------------------------------------- ray casting
-def _screen_rect(prim: Primitive, cam: Camera, height: int, width: int) -> tuple[int, int, int, int] | None:
-    """Pixel rectangle (y0, y1, x0, x1) that covers the primitive, or None when it is out of view."""
-    pts = (prim.corners() - cam.position) @ cam.rotation  # camera frame
-    z = pts[:, 2]
-    if (z <= 0.05).all():
-        return None
-    if (z <= 0.05).any():
-        return 0, height, 0, width
-    u = cam.fx * pts[:, 0] / z + cam.cx
-    v = cam.fy * pts[:, 1] / z + cam.cy
-    x0, x1 = max(int(u.min()) - 1, 0), min(int(math.ceil(u.max())) + 2, width)
-    y0, y1 = max(int(v.min()) - 1, 0), min(int(math.ceil(v.max())) + 2, height)
-    if x0 >= x1 or y0 >= y1:
-        return None
-    return y0, y1, x0, x1
+def _screen_rects(prims: list[Primitive], cam: Camera, height: int, width: int) -> list[tuple[int, int, int, int] | None]:
+    """For each primitive, the pixel rectangle (y0, y1, x0, x1) that covers it, or None when it is out of view."""
+    if not prims:
+        return []
+    pts = (np.stack([p.corners() for p in prims]) - cam.position) @ cam.rotation  # P x 8 x 3, camera frame
+    z = pts[..., 2]
+    zs = np.maximum(z, 0.05)
+    u = cam.fx * pts[..., 0] / zs + cam.cx
+    v = cam.fy * pts[..., 1] / zs + cam.cy
+    behind, partly = (z <= 0.05).all(axis=1), (z <= 0.05).any(axis=1)
+    x0 = np.maximum(np.floor(u.min(axis=1)).astype(int) - 1, 0)
+    x1 = np.minimum(np.ceil(u.max(axis=1)).astype(int) + 2, width)
+    y0 = np.maximum(np.floor(v.min(axis=1)).astype(int) - 1, 0)
+    y1 = np.minimum(np.ceil(v.max(axis=1)).astype(int) + 2, height)
+    rects: list[tuple[int, int, int, int] | None] = []
+    for i in range(len(prims)):
+        if behind[i]:
+            rects.append(None)
+        elif partly[i]:  # straddles the camera plane: projections are unreliable, cover the image
+            rects.append((0, height, 0, width))
+        elif x0[i] >= x1[i] or y0[i] >= y1[i]:
+            rects.append(None)
+        else:
+            rects.append((int(y0[i]), int(y1[i]), int(x0[i]), int(x1[i])))
+    return rects
 
 
 def _intersect_box(o: np.ndarray, d: np.ndarray, prim: Primitive) -> tuple[np.ndarray, NormalFn]:
@@ -426,8 +437,7 @@ def render(scene: Scene, cam: Camera, height: int, width: int, rng: np.random.Ge
     normal2 = normal.reshape(3, height, width)
     inst2 = instance.reshape(height, width)
     d2 = d.reshape(3, height, width)
-    for prim in scene.primitives:
-        rect = _screen_rect(prim, cam, height, width)
+    for prim, rect in zip(scene.primitives, _screen_rects(scene.primitives, cam, height, width)):
         if rect is None:
             continue
         y0, y1, x0, x1 = rect
