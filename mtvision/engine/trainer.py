@@ -185,6 +185,8 @@ def _train(cfg: ExperimentConfig, info: dist.DistInfo, resume: bool, overwrite: 
     tasks = model.tasks
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if tc.sync_bn and info.is_distributed and dev.type != "cuda":
+        raise TrainingError("train.sync_bn needs CUDA (torch's SyncBatchNorm is GPU-only); on CPU use model.decoder_options.norm=gn")
     if info.is_distributed and tc.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     core = model  # the unwrapped model: checkpoints, exports, evaluation
@@ -356,7 +358,7 @@ def _train(cfg: ExperimentConfig, info: dist.DistInfo, resume: bool, overwrite: 
 
     result = TrainResult(out, step, interrupted, val_metrics, best_step=selector.best_step, skipped_steps=skipped)
     if not interrupted:
-        result.test_metrics, result.pretrained_dir = _finish(core, ckpts, data, tasks, dev, tc.amp, out, info, loggers)
+        result.test_metrics, result.pretrained_dir = _finish(core, ckpts, data, tasks, dev, tc.amp, out, info, loggers, step)
         result.best_step = selector.best_step
     loggers.close()
     return result
@@ -390,7 +392,7 @@ def _log_pictures(core, data: RunData, tasks, dev, mean, std, limit: int, logger
     visualize.save_png(str(out / "predictions.png"), visualize.image_grid(rows, titles=titles))
 
 
-def _finish(core, ckpts: CheckpointManager, data: RunData, tasks, dev, amp: str, out: Path, info, loggers):
+def _finish(core, ckpts: CheckpointManager, data: RunData, tasks, dev, amp: str, out: Path, info, loggers, step: int):
     """Load the best checkpoint, report the test split, export the pretrained folder."""
     best = ckpts.best()
     if best is not None:
@@ -399,7 +401,7 @@ def _finish(core, ckpts: CheckpointManager, data: RunData, tasks, dev, amp: str,
     pretrained = out / "model"
     if info.is_main:
         core.save_pretrained(pretrained)
-        loggers.log_scalars({f"test/{t}/{k}": v for t, m in test_metrics.items() for k, v in m.items()}, 0)
+        loggers.log_scalars({f"test/{t}/{k}": v for t, m in test_metrics.items() for k, v in m.items()}, step)
         loggers.log_artifact(pretrained, name="model", kind="model", aliases=["best"])
         print("\ntest split (best validation checkpoint):\n" + format_metrics_table(test_metrics), flush=True)
         print(f"pretrained model: {pretrained}  (mtvision.load({str(pretrained)!r}))", flush=True)

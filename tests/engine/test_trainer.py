@@ -181,3 +181,24 @@ def test_ddp_two_processes_of_batch_4_match_one_process_of_batch_8(tmp_path):
     want, got = final_weights(tmp_path / "single"), final_weights(tmp_path / "ddp")
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5)
+
+
+def test_wandb_offline_run_gets_losses_metrics_pictures_and_the_model(tmp_path, monkeypatch):
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    (tmp_path / "wandb_dir").mkdir()
+    cfg = tiny_config(tmp_path / "run", train={"iterations": 2, "eval_interval": 2}, logging={"wandb": True, "wandb_run_name": "tiny"})
+    train(cfg, device="cpu")
+    wandb.teardown()  # flush the offline transaction log before reading the files back
+    runs = list((tmp_path / "wandb_dir").rglob("offline-run-*"))
+    assert len(runs) == 1
+    log = next(runs[0].glob("*.wandb")).read_bytes()
+    for key in (b"train/loss/semseg", b"val/depth/rmse", b"test/edge/odsF", b"val/predictions/semseg"):
+        assert key in log, key
+    media = [p.name for p in runs[0].rglob("*.png")]
+    assert any(name.startswith("semseg") for name in media) and any(name.startswith("depth") for name in media)
+    # the exported pretrained folder as a model artifact, aliased "best"
+    assert b"model.safetensors" in log and b"config.json" in log and b"best" in log
