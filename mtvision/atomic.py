@@ -52,17 +52,7 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[BinaryIO], Any]) -
     The data goes to a temporary file in the same folder, is fsynced and renamed over `path`; on any error
     (a full disk included) the temporary file is removed and the previous `path` is left untouched.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(path, "tmp")
-    try:
-        _write_file(tmp, write_fn)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
+    atomic_write_path(path, lambda tmp: _write_file(tmp, write_fn))
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

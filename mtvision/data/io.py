@@ -219,3 +219,13 @@ def read_normals_png(path: PathLike) -> np.ndarray:
     if stored.dtype != np.uint8:
         raise DatasetError(f"normals {path} must be 8-bit, got {stored.dtype}")
     return decode_normals_png(stored)
+
+
+def open_root(root: str | os.PathLike, split: str, splits: tuple[str, ...], dataset: str) -> Path:
+    """`root` as a Path, after checking that it is a folder and that `split` is one of `splits`."""
+    path = Path(root)
+    if not path.is_dir():
+        raise DatasetError(f"{dataset} root directory not found: {path}")
+    if split not in splits:
+        raise DatasetError(f"{dataset} split must be one of {splits}, got {split!r}")
+    return path

@@ -26,6 +26,7 @@ from mtvision.data.io import (
     PathLike,
     check_finite,
     check_size,
+    open_root,
     read_image,
     read_label_png,
     read_normals_png,
@@ -92,11 +93,7 @@ class NYUDv2(MultiTaskDataset):
         transform: RawTransform | None = None,
     ) -> None:
         super().__init__(tasks, transform)
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise DatasetError(f"NYUD root directory not found: {self.root}")
-        if split not in SPLITS:
-            raise DatasetError(f"NYUD split must be one of {SPLITS}, got {split!r}")
+        self.root = open_root(root, split, SPLITS, "NYUD")
         self.split = split
         self.ids = read_split(self.root / "gt_sets" / f"{split}.txt")
         self.release = detect_release(self.root, self.ids[0])

@@ -27,6 +27,7 @@ from mtvision.data.base import MultiTaskDataset, RawTransform
 from mtvision.data.io import (
     PathLike,
     check_size,
+    open_root,
     read_image,
     read_label_png,
     read_mat,
@@ -177,11 +178,7 @@ class PascalContext(MultiTaskDataset):
         transform: RawTransform | None = None,
     ) -> None:
         super().__init__(tasks, transform)
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise DatasetError(f"PASCAL-Context root directory not found: {self.root}")
-        if split not in SPLITS:
-            raise DatasetError(f"PASCAL-Context split must be one of {SPLITS}, got {split!r}")
+        self.root = open_root(root, split, SPLITS, "PASCAL-Context")
         self.split = split
         self.edge_source = "png" if (self.root / "edge").is_dir() else "LabelMap"
         ids = read_split(self.root / "ImageSets" / "Context" / f"{split}.txt")
