@@ -216,8 +216,16 @@ def _train(cfg: ExperimentConfig, info: dist.DistInfo, resume: bool, overwrite: 
         selector.load_state_dict(state["selection"])
         step, epoch, skipped = state["step"], state["epoch"], state["skipped_steps"]
         val_metrics = state.get("metrics") or {}
-        data.sampler.load_state_dict(state["sampler"][info.rank])
-        restore_rng_state(state["rng"][info.rank])
+        saved_world = len(state["sampler"])
+        # the sampler re-divides what was consumed when the number of processes changed
+        data.sampler.load_state_dict(state["sampler"][info.rank if info.rank < saved_world else 0])
+        if saved_world == info.world_size:
+            restore_rng_state(state["rng"][info.rank])
+        else:
+            dist.seed_everything(tc.seed + 1 + step, info.rank, tc.deterministic)
+            if info.is_main:
+                print(f"resuming {saved_world}-process checkpoint with {info.world_size} process(es): "
+                      "data order continues, random streams are reseeded", flush=True)
     else:
         data.sampler.set_epoch(0)
         dist.seed_everything(tc.seed + 1, info.rank, tc.deterministic)  # per-rank training randomness
