@@ -466,7 +466,11 @@ class TrainConfig:
         seed: seed of the model initialisation and training randomness.
         deterministic: deterministic algorithms (slower; reproducible on one machine).
         sync_bn: convert BatchNorm to SyncBatchNorm under DDP.
-        select_metric: validation metric that picks the best checkpoint (e.g. "delta_m").
+        select_metric: validation metric that picks the best checkpoint: "delta_m" (Δm% over each
+            task's primary metric) or "<task>.<metric>" such as "semseg.mIoU".
+        references: JSON file of single-task results {task: {metric: value}} that Δm% compares
+            with; None: Δm% is taken against the run's first validation (fine for selection, not
+            for reporting).
         keep_last: newest checkpoints kept on disk (the best is always kept as well).
         max_nonfinite_steps: consecutive steps with a non-finite loss after which training stops.
     """
@@ -483,6 +487,7 @@ class TrainConfig:
     deterministic: bool = False
     sync_bn: bool = False
     select_metric: str = "delta_m"
+    references: str | None = None
     keep_last: int = 3
     max_nonfinite_steps: int = 10
 

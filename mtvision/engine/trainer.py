@@ -33,6 +33,7 @@ from mtvision.engine.progress import Progress
 from mtvision.engine.schedule import WarmupSchedule, build_scheduler
 from mtvision.engine.selection import Selector
 from mtvision.errors import MTVisionError
+from mtvision.metrics import load_references
 from mtvision.models.config import ModelConfig
 from mtvision.models.registry import create_model
 
@@ -198,7 +199,8 @@ def _train(cfg: ExperimentConfig, info: dist.DistInfo, resume: bool, overwrite: 
     )
     scaler = torch.amp.GradScaler(dev.type, enabled=tc.amp == "fp16")
     objective = WeightedSum(o.loss_weights)
-    selector = Selector(tc.select_metric, tasks, references=None)
+    references = load_references(tc.references, list(tasks)) if tc.references else None
+    selector = Selector(tc.select_metric, tasks, references=references)
     if info.is_distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     if tc.compile:

@@ -202,3 +202,22 @@ def test_wandb_offline_run_gets_losses_metrics_pictures_and_the_model(tmp_path, 
     assert any(name.startswith("semseg") for name in media) and any(name.startswith("depth") for name in media)
     # the exported pretrained folder as a model artifact, aliased "best"
     assert b"model.safetensors" in log and b"config.json" in log and b"best" in log
+
+
+def test_selection_by_delta_m_against_single_task_references(tmp_path):
+    import json
+
+    refs = tmp_path / "refs.json"
+    refs.write_text(json.dumps({"semseg": {"mIoU": 50.0}, "depth": {"rmse": 0.5}, "normals": {"mean": 20.0}, "edge": {"odsF": 50.0}}))
+    cfg = tiny_config(tmp_path / "run", train={"iterations": 2, "eval_interval": 2, "references": str(refs)})
+    result = train(cfg, device="cpu")
+    m = result.val_metrics
+    expected = 100 / 4 * (
+        (m["semseg"]["mIoU"] - 50) / 50 - (m["depth"]["rmse"] - 0.5) / 0.5 - (m["normals"]["mean"] - 20) / 20 + (m["edge"]["odsF"] - 50) / 50
+    )
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    scores = [line["val/score"] for line in lines if "val/score" in line]
+    assert scores[-1] == pytest.approx(expected)
+    bad = tiny_config(tmp_path / "bad", train={"references": str(tmp_path / "missing.json")})
+    with pytest.raises(Exception, match="does not exist"):
+        train(bad, device="cpu")
