@@ -55,7 +55,8 @@ def delta_m(
 
 
 def load_references(path: str | Path, tasks: list[str] | None = None) -> dict[str, dict[str, float]]:
-    """Single-task references {task: {metric: value}} from a JSON file, checked for `tasks`."""
+    """Single-task references {task: {metric: value}} from a JSON file (that mapping, or the metrics
+    file `mtv-eval` writes), checked for `tasks`."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -63,6 +64,8 @@ def load_references(path: str | Path, tasks: list[str] | None = None) -> dict[st
         raise ReferencesError(f"references file {path} does not exist") from None
     except json.JSONDecodeError as exc:
         raise ReferencesError(f"references file {path} is not valid JSON: {exc}") from None
+    if isinstance(data, dict) and isinstance(data.get("metrics"), dict):  # an `mtv-eval` metrics file
+        data = data["metrics"]
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise ReferencesError(f"references file {path} must map task -> {{metric: value}}")
     for task, metrics in data.items():

@@ -33,6 +33,9 @@ def test_load_references(tmp_path):
     path = tmp_path / "refs.json"
     path.write_text(json.dumps({"semseg": {"mIoU": 40}, "depth": {"rmse": 0.5}}))
     assert load_references(path, ["semseg"]) == {"semseg": {"mIoU": 40.0}, "depth": {"rmse": 0.5}}
+    path.write_text(json.dumps({"split": "test", "metrics": {"depth": {"rmse": 0.25}}}))  # mtv-eval output
+    assert load_references(path) == {"depth": {"rmse": 0.25}}
+    path.write_text(json.dumps({"semseg": {"mIoU": 40}, "depth": {"rmse": 0.5}}))
     with pytest.raises(ReferencesError, match="no entry for task"):
         load_references(path, ["normals"])
     path.write_text("{not json")
