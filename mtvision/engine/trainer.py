@@ -61,14 +61,21 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------------------- set-up
-def prepare_output_dir(path: str | Path, resume: bool, overwrite: bool, is_main: bool) -> Path:
-    """The run folder: refuses one that holds a previous run unless resuming or overwriting."""
+def check_output_dir(path: str | Path, resume: bool, overwrite: bool) -> bool:
+    """Whether `path` already holds a run; refuses one unless resuming or overwriting."""
     out = Path(path)
     used = out.exists() and any(out.iterdir())
     if used and not (resume or overwrite):
         raise RunFolderError(
             f"output_dir {str(out)!r} already holds a run; pass --resume to continue it or --overwrite to replace it"
         )
+    return used
+
+
+def prepare_output_dir(path: str | Path, resume: bool, overwrite: bool, is_main: bool) -> Path:
+    """The run folder, created (or emptied first with `overwrite`); see `check_output_dir`."""
+    out = Path(path)
+    used = check_output_dir(out, resume, overwrite)
     if is_main:
         if used and overwrite and not resume:
             shutil.rmtree(out)
@@ -169,6 +176,16 @@ def train(
 def _train(cfg: ExperimentConfig, info: dist.DistInfo, resume: bool, overwrite: bool, on_step) -> TrainResult:
     tc = cfg.train
     dev = info.device
+    check_output_dir(cfg.output_dir, resume, overwrite)  # fail before any work
+    dist.seed_everything(tc.seed, 0, tc.deterministic)  # identical initial weights on every rank
+
+    # data and model first: a bad dataset or model config fails before the run folder is touched
+    preprocess = cfg.model.get("preprocess") or {}
+    mean, std = preprocess.get("mean", IMAGENET_MEAN), preprocess.get("std", IMAGENET_STD)
+    data: RunData = build_run_data(cfg.data, tc.batch_size, mean, std, info.rank, info.world_size)
+    model_cfg = model_config_for(cfg, data.num_classes)
+    model = create_model(model_cfg).to(dev)
+
     out = prepare_output_dir(cfg.output_dir, resume, overwrite, info.is_main)
     ckpts = CheckpointManager(out, keep_last=tc.keep_last)
     start_ckpt = ckpts.latest() if resume else None
@@ -176,13 +193,6 @@ def _train(cfg: ExperimentConfig, info: dist.DistInfo, resume: bool, overwrite: 
         raise RunFolderError(f"--resume: no checkpoint found under {out / 'checkpoints'}")
     if info.is_main:
         save_config(cfg, out / "config.yaml")
-    dist.seed_everything(tc.seed, 0, tc.deterministic)  # identical initial weights on every rank
-
-    preprocess = cfg.model.get("preprocess") or {}
-    mean, std = preprocess.get("mean", IMAGENET_MEAN), preprocess.get("std", IMAGENET_STD)
-    data: RunData = build_run_data(cfg.data, tc.batch_size, mean, std, info.rank, info.world_size)
-    model_cfg = model_config_for(cfg, data.num_classes)
-    model = create_model(model_cfg).to(dev)
     tasks = model.tasks
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -48,6 +48,7 @@ def test_missing_dataset_root_is_a_clear_error(tmp_path, capsys):
     assert train_main([path, "data.holdout_fraction=0.1", "data.test_split=val"]) == 2
     err = capsys.readouterr().err
     assert "nowhere" in err
+    assert not (tmp_path / "run").exists()  # nothing written: fixing the root and rerunning just works
 
 
 def test_train_then_eval_the_run_folder(tmp_path, capsys):
