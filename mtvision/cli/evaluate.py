@@ -38,20 +38,26 @@ def _find_run_config(target: Path) -> Path | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from mtvision.engine import distributed as dist
+
     try:
         return _run(args)
     except (MTVisionError, FileNotFoundError) as exc:
         print(f"mtv-eval: {exc}", file=sys.stderr)
         return 2
+    finally:
+        dist.cleanup()
 
 
 def _run(args: argparse.Namespace) -> int:
+    from torch.utils.data import Subset
+
     from mtvision.config import ExperimentConfig, load_config
     from mtvision.data.loader import build_loader
     from mtvision.data.transforms import eval_transforms
     from mtvision.engine import distributed as dist
     from mtvision.engine.checkpoint import load_checkpoint
-    from mtvision.engine.data import make_dataset
+    from mtvision.engine.data import holdout_split, make_dataset
     from mtvision.engine.evaluator import evaluate
     from mtvision.engine.loggers import format_metrics_table
     from mtvision.engine.trainer import model_config_for
@@ -81,6 +87,10 @@ def _run(args: argparse.Namespace) -> int:
     split = {"test": cfg.data.test_split, "val": cfg.data.val_split}.get(args.split, args.split)
     pre = model.config.preprocess
     dataset = make_dataset(cfg.data, split, eval_transforms(cfg.data.height, cfg.data.width, pre.mean, pre.std))
+    if args.split == "val" and cfg.data.holdout_fraction > 0:  # validation is the held-out part of train
+        split = f"{cfg.data.train_split} (held-out {cfg.data.holdout_fraction:.0%})"
+        dataset = Subset(dataset, holdout_split(len(dataset), cfg.data.holdout_fraction)[1])
+        dataset.meter_info = dataset.dataset.meter_info
     batch_size = args.batch_size or cfg.train.batch_size
     loader = build_loader(dataset, batch_size, shuffle=False, num_workers=min(cfg.data.num_workers, 2), pad=False,
                           num_replicas=info.world_size, rank=info.rank, persistent_workers=False)
@@ -94,13 +104,12 @@ def _run(args: argparse.Namespace) -> int:
         out.write_text(json.dumps({"split": split, "target": str(target), "metrics": metrics}, indent=2))
         print(format_metrics_table(metrics))
         print(f"metrics: {out}")
-    if args.predictions is not None and info.is_main:
-        _write_predictions(model, loader, tasks, info.device, args.predictions, args.npy, pre.mean, pre.std)
-    dist.cleanup()
+    if args.predictions is not None:  # every rank writes its own share of the samples
+        _write_predictions(model, loader, tasks, info.device, args.predictions, args.npy, pre.mean, pre.std, info.is_main)
     return 0
 
 
-def _write_predictions(model, loader, tasks, device, folder: Path, npy: bool, mean, std) -> None:
+def _write_predictions(model, loader, tasks, device, folder: Path, npy: bool, mean, std, is_main: bool = True) -> None:
     """Colorized prediction PNGs, one per sample and task, with a progress bar."""
     import numpy as np
 
@@ -109,7 +118,7 @@ def _write_predictions(model, loader, tasks, device, folder: Path, npy: bool, me
     from mtvision.engine.progress import Progress
 
     folder.mkdir(parents=True, exist_ok=True)
-    with Progress(len(loader), "predictions") as bar:
+    with Progress(len(loader), "predictions", enabled=is_main) as bar:
         for batch in loader:
             for panel in predict_panels(model, batch, tasks, device, mean, std, limit=batch["image"].shape[0]):
                 sid = panel["sample_id"]
@@ -120,7 +129,8 @@ def _write_predictions(model, loader, tasks, device, folder: Path, npy: bool, me
                     if npy:
                         np.save(folder / f"{sid}_{name}.npy", pred)
             bar.update(1)
-    print(f"predictions: {folder}")
+    if is_main:
+        print(f"predictions: {folder}")
 
 
 if __name__ == "__main__":

@@ -210,7 +210,7 @@ def worker_init_fn(worker_id: int) -> None:
     random.seed(seed)
 
 
-def _loader_seed(seed: int, rank: int) -> int:
+def loader_seed(seed: int, rank: int) -> int:
     """A 63-bit seed for the workers' base seed, distinct per (seed, rank)."""
     state = np.random.SeedSequence([seed, rank]).generate_state(2, dtype=np.uint32)
     return (int(state[0]) << 31) ^ int(state[1])
@@ -249,7 +249,7 @@ def build_loader(
     if persistent_workers is None:
         persistent_workers = num_workers > 0
     generator = torch.Generator()
-    generator.manual_seed(_loader_seed(seed, rank))
+    generator.manual_seed(loader_seed(seed, rank))
     return DataLoader(
         dataset,
         batch_size=batch_size,

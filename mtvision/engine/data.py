@@ -12,12 +12,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from mtvision.config import DataConfig
 from mtvision.data.base import MultiTaskDataset
-from mtvision.data.loader import ResumableSampler, build_loader, collate, worker_init_fn
+from mtvision.data.loader import ResumableSampler, build_loader, collate, loader_seed, worker_init_fn
 from mtvision.data.transforms import Compose, eval_transforms, train_transforms
+from mtvision.errors import DatasetError
 
 SYNTHETIC_SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}
 
@@ -88,12 +90,25 @@ class RunData:
     class_names: dict[str, list[str]]
 
 
-def _holdout(n: int, fraction: float) -> tuple[list[int], list[int]]:
+def holdout_split(n: int, fraction: float) -> tuple[list[int], list[int]]:
     """Deterministic split of range(n): (kept for training, held out for validation = the last part)."""
     held = max(1, int(round(n * fraction)))
     if held >= n:
         raise ValueError(f"data.holdout_fraction={fraction} leaves no training samples out of {n}")
     return list(range(n - held)), list(range(n - held, n))
+
+
+def _check_eval_size(ds: Dataset, height: int, width: int, name: str) -> None:
+    """Evaluation pads images to height x width: fail now, not at the first validation, when the
+    first image is larger."""
+    base = ds.dataset if isinstance(ds, Subset) else ds
+    index = ds.indices[0] if isinstance(ds, Subset) else 0
+    h, w = base.load_raw(index)["image"].shape[:2]
+    if h > height or w > width:
+        raise DatasetError(
+            f"{name} images are {h}x{w}, larger than data.height x data.width = {height}x{width}, to which "
+            "evaluation pads them: raise data.height/data.width"
+        )
 
 
 def build_run_data(
@@ -107,11 +122,13 @@ def build_run_data(
     train_idx = None
     holdout = getattr(cfg, "holdout_fraction", 0.0)
     if holdout > 0:
-        train_idx, val_idx = _holdout(len(train_set), holdout)
+        train_idx, val_idx = holdout_split(len(train_set), holdout)
         val_set: Dataset = Subset(make_dataset(cfg, cfg.train_split, eval_transforms(cfg.height, cfg.width, mean, std)), val_idx)
     else:
         val_set = make_dataset(cfg, cfg.val_split, eval_transforms(cfg.height, cfg.width, mean, std))
     test_set = make_dataset(cfg, cfg.test_split, eval_transforms(cfg.height, cfg.width, mean, std))
+    for name, ds in (("validation", val_set), ("test", test_set)):
+        _check_eval_size(ds, cfg.height, cfg.width, name)
     augmented = SeededAugmentation(train_set, train_tf, seed=cfg.seed, indices=train_idx)
 
     sampler = ResumableSampler(len(augmented), num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
@@ -126,6 +143,7 @@ def build_run_data(
         drop_last=True,
         worker_init_fn=worker_init_fn,
         persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(loader_seed(cfg.seed, rank)),  # not the global stream: exact resume
     )
 
     def eval_loader(ds: Dataset) -> DataLoader:

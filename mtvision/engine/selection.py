@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 from mtvision.errors import MTVisionError
@@ -44,9 +45,12 @@ class Selector:
         self.best_step: int | None = None
 
     def score(self, metrics: Metrics) -> float:
-        """The selection score of one evaluation (higher is better)."""
+        """The selection score of one evaluation (higher is better; NaN when it cannot be scored yet)."""
         if self.select_metric == "delta_m":
             if self.references is None:
+                primary = [metrics[t][task.primary_metric] for t, task in self.tasks.items()]
+                if not all(math.isfinite(v) and v != 0 for v in primary):
+                    return float("nan")  # no usable reference yet: wait for a later evaluation
                 self.references = {t: dict(m) for t, m in metrics.items()}
             return delta_m_primary(metrics, self.references, self.tasks)
         task, _, metric = self.select_metric.partition(".")
@@ -56,7 +60,7 @@ class Selector:
     def update(self, metrics: Metrics, step: int) -> tuple[float, bool]:
         """Score `metrics`; returns (score, whether it is the best so far)."""
         value = self.score(metrics)
-        improved = self.best is None or value > self.best
+        improved = math.isfinite(value) and (self.best is None or value > self.best)
         if improved:
             self.best, self.best_step = value, step
         return value, improved

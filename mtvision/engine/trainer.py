@@ -8,6 +8,7 @@ weighting and gradient calibration plug into.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
 import time
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from mtvision import visualize
-from mtvision.config import ExperimentConfig, config_to_dict, save_config
+from mtvision.config import ExperimentConfig, OptimConfig, config_to_dict, save_config
 from mtvision.data.sample import IMAGENET_MEAN, IMAGENET_STD
 from mtvision.engine import distributed as dist
 from mtvision.engine.checkpoint import CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state
@@ -75,9 +76,8 @@ def check_output_dir(path: str | Path, resume: bool, overwrite: bool) -> bool:
 def prepare_output_dir(path: str | Path, resume: bool, overwrite: bool, is_main: bool) -> Path:
     """The run folder, created (or emptied first with `overwrite`); see `check_output_dir`."""
     out = Path(path)
-    used = check_output_dir(out, resume, overwrite)
-    if is_main:
-        if used and overwrite and not resume:
+    if is_main:  # the other ranks ran check_output_dir at start-up; checking again would race the rmtree
+        if check_output_dir(out, resume, overwrite) and overwrite and not resume:
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
     dist.barrier()
@@ -108,6 +108,11 @@ def build_optimizer(model: nn.Module, cfg: ExperimentConfig) -> torch.optim.Opti
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
     cls = torch.optim.AdamW if o.optimizer == "adamw" else torch.optim.Adam
     return cls(groups, lr=o.lr, betas=tuple(o.betas))
+
+
+def make_schedule(o: OptimConfig, steps: int) -> WarmupSchedule:
+    """The LR factor schedule of a run of `steps` optimizer steps."""
+    return WarmupSchedule(steps, o.schedule, min(o.warmup_iters, steps), o.warmup_ratio, o.poly_power, o.min_lr / o.lr)
 
 
 def total_steps(cfg: ExperimentConfig, batches_per_epoch: int) -> tuple[int, int]:
@@ -168,12 +173,15 @@ def train(
     cfg.validate()
     info = dist.init_distributed(device)
     try:
-        return _train(cfg, info, resume, overwrite, on_step)
+        with contextlib.ExitStack() as closing:  # loggers and progress bar close on errors too
+            return _train(cfg, info, resume, overwrite, on_step, closing)
     finally:
         dist.cleanup()
 
 
-def _train(cfg: ExperimentConfig, info: dist.DistInfo, resume: bool, overwrite: bool, on_step) -> TrainResult:
+def _train(
+    cfg: ExperimentConfig, info: dist.DistInfo, resume: bool, overwrite: bool, on_step, closing: contextlib.ExitStack
+) -> TrainResult:
     tc = cfg.train
     dev = info.device
     check_output_dir(cfg.output_dir, resume, overwrite)  # fail before any work
@@ -204,9 +212,8 @@ def _train(cfg: ExperimentConfig, info: dist.DistInfo, resume: bool, overwrite: 
     optimizer = build_optimizer(core, cfg)
     steps, steps_per_epoch = total_steps(cfg, len(data.train))
     o = cfg.optim
-    scheduler = build_scheduler(
-        optimizer, WarmupSchedule(steps, o.schedule, min(o.warmup_iters, steps), o.warmup_ratio, o.poly_power, o.min_lr / o.lr)
-    )
+    schedule = make_schedule(o, steps)
+    scheduler = build_scheduler(optimizer, schedule)
     scaler = torch.amp.GradScaler(dev.type, enabled=tc.amp == "fp16")
     objective = WeightedSum(o.loss_weights)
     references = load_references(tc.references, list(tasks)) if tc.references else None
@@ -222,7 +229,13 @@ def _train(cfg: ExperimentConfig, info: dist.DistInfo, resume: bool, overwrite: 
         state = load_checkpoint(start_ckpt)
         core.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        scheduler.load_state_dict(state["scheduler"])  # this also overwrites `schedule`'s fields in place
+        # the current config decides the schedule: a resumed run may be longer or use another lr
+        schedule = make_schedule(o, steps)
+        scheduler.lr_lambdas = [schedule] * len(optimizer.param_groups)
+        scheduler.base_lrs = [o.lr] * len(optimizer.param_groups)
+        for group in optimizer.param_groups:
+            group["lr"] = o.lr * schedule(scheduler.last_epoch)
         scaler.load_state_dict(state["scaler"])
         objective.load_state_dict(state["weighting"])
         selector.load_state_dict(state["selection"])
@@ -253,6 +266,7 @@ def _train(cfg: ExperimentConfig, info: dist.DistInfo, resume: bool, overwrite: 
         config=config_to_dict(cfg),
         is_main_process=info.is_main,
     )
+    closing.callback(loggers.close)
     if info.is_main:
         print(f"mtvision: {cfg.data.dataset} {cfg.data.tasks} | {model_cfg.backbone.name} + {model_cfg.decoder} | "
               f"{steps} steps ({steps_per_epoch}/epoch) | {info.world_size} process(es) on {dev} | output {out}", flush=True)
@@ -285,6 +299,9 @@ def _train(cfg: ExperimentConfig, info: dist.DistInfo, resume: bool, overwrite: 
 
     def validate() -> None:
         nonlocal val_metrics
+        if info.is_distributed:  # ranks' BatchNorm running stats drift apart: score rank 0's, the one saved
+            for buffer in core.buffers():
+                torch.distributed.broadcast(buffer, src=0)
         val_metrics = evaluate(core, data.val, tasks, data.meter_info, dev, tc.amp)
         score, best = selector.update(val_metrics, step)
         values = {f"val/{t}/{k}": v for t, m in val_metrics.items() for k, v in m.items()}
@@ -301,6 +318,7 @@ def _train(cfg: ExperimentConfig, info: dist.DistInfo, resume: bool, overwrite: 
         steps, "train", mode=cfg.logging.console, interval=cfg.logging.log_interval, enabled=info.is_main,
         images_per_step=tc.batch_size * tc.grad_accum * info.world_size,
     )
+    closing.callback(progress.close)
     progress.update(step)
     window: dict[str, float] = {}
     window_n, window_images, window_start = 0, 0, time.perf_counter()
@@ -380,7 +398,6 @@ def _train(cfg: ExperimentConfig, info: dist.DistInfo, resume: bool, overwrite: 
     if not interrupted:
         result.test_metrics, result.pretrained_dir = _finish(core, ckpts, data, tasks, dev, tc.amp, out, info, loggers, step)
         result.best_step = selector.best_step
-    loggers.close()
     return result
 
 

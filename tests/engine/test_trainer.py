@@ -89,16 +89,18 @@ def test_refuses_a_used_output_dir_unless_resume_or_overwrite(tmp_path):
 
 def test_sigterm_mid_epoch_then_resume_gives_the_uninterrupted_parameters(tmp_path):
     # 16 samples / batch 4 = 4 steps per epoch: stopping at step 6 is mid-way through the second epoch
-    reference = tiny_config(tmp_path / "ref")
+    # drop-path draws from the global CPU random stream: resume must restore it exactly
+    stochastic = {"backbone": {"name": "test_resnet", "drop_path_rate": 0.2}}
+    reference = tiny_config(tmp_path / "ref", model=stochastic)
     train(reference, device="cpu")
 
     def kill_at_6(step: int) -> None:
         if step == 6:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    interrupted = train(tiny_config(tmp_path / "cut"), on_step=kill_at_6, device="cpu")
+    interrupted = train(tiny_config(tmp_path / "cut", model=stochastic), on_step=kill_at_6, device="cpu")
     assert interrupted.interrupted and interrupted.step == 6
-    resumed = train(tiny_config(tmp_path / "cut"), resume=True, device="cpu")
+    resumed = train(tiny_config(tmp_path / "cut", model=stochastic), resume=True, device="cpu")
     assert resumed.step == 8 and not resumed.interrupted
     want, got = final_weights(tmp_path / "ref"), final_weights(tmp_path / "cut")
     assert want.keys() == got.keys()
@@ -221,3 +223,27 @@ def test_selection_by_delta_m_against_single_task_references(tmp_path):
     bad = tiny_config(tmp_path / "bad", train={"references": str(tmp_path / "missing.json")})
     with pytest.raises(Exception, match="does not exist"):
         train(bad, device="cpu")
+
+
+def test_resuming_with_a_longer_run_follows_the_new_schedule(tmp_path):
+    import json
+
+    from mtvision.engine.schedule import WarmupSchedule
+
+    out = tmp_path / "run"
+    train(tiny_config(out, train={"iterations": 4, "eval_interval": 4}), device="cpu")
+    train(tiny_config(out, train={"iterations": 8, "eval_interval": 4}, optim={"lr": 2e-3}), resume=True, device="cpu")
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = {line["step"]: line["train/lr"] for line in lines if "train/lr" in line}
+    schedule = WarmupSchedule(8, "poly", 2, 1e-3, 0.9, 0.0)  # tiny_config: warmup 2, default ratio and power
+    assert logged[6] == pytest.approx(2e-3 * schedule(6)) and logged[6] > 0
+
+
+def test_evaluation_images_larger_than_the_pad_size_fail_at_start_up():
+    from mtvision.data.synthetic import SyntheticScenes
+    from mtvision.engine.data import _check_eval_size
+    from mtvision.errors import DatasetError
+
+    with pytest.raises(DatasetError, match="validation images are 40x48, larger than .* 32x40"):
+        _check_eval_size(SyntheticScenes(2, 40, 48), 32, 40, "validation")
+    _check_eval_size(SyntheticScenes(2, 32, 40), 32, 40, "validation")
