@@ -15,13 +15,14 @@ Protocol, per optimizer step ``step`` (the same number for every micro-batch of 
 2. Backpropagate ``total`` and step the optimizer. The trainer adds ``weighting.extra_parameters()`` to
    its optimizer (UW and GradNorm; FAMO steps its own small optimizer and returns none). The papers use
    the model's optimizer for them; several re-implementations (Nash-MTL, IGB code) give UW's
-   log-variances lr 0.025. Do not weight-decay them.
+   log-variances lr 0.025. Do not weight-decay them. Under DDP they are outside the model's DDP
+   wrapper, so the trainer must all-reduce (average) their gradients before the step.
 3. ``weighting.after_step(losses_after)`` after a real optimizer step, ``weighting.after_step(None)``
    after a skipped one. Only FAMO (``needs_losses_after_step``) reads ``losses_after``: the per-task
    losses of the same batch from an extra no-grad forward of the updated model (under gradient
    accumulation, the mean over the same micro-batches). GradNorm renormalises its weights here.
 4. ``weighting.end_epoch()`` at the end of every training epoch. DWA and IGB average the finite losses
-   seen by ``forward`` during the epoch; ``end_epoch(averages)`` supplies the averages instead (e.g.
+   seen by ``forward`` in training mode (``weighting.train()``, the default) during the epoch; ``end_epoch(averages)`` supplies the averages instead (e.g.
    all-reduced under DDP, so that every rank computes the same weights).
 
 Bad input: losses whose keys differ from the tasks raise `LossWeightingError` naming the missing and
@@ -223,7 +224,7 @@ class _EpochLosses(LossWeighting):
         self.register_buffer("epochs_done", torch.zeros((), dtype=torch.int64))
 
     def _accumulate(self, vec: Tensor, finite: bool) -> None:
-        if finite:
+        if finite and self.training:
             self.loss_sum += vec.detach().to(self.loss_sum)
             self.loss_count += 1
 
@@ -464,8 +465,8 @@ class FAMO(LossWeighting):
         total = (z / c * torch.log(d)).sum()
         weights = z / (c * d.detach())
         if finite:
-            self.pending_sum = vec.detach().to(self.pending_sum)
-            self.pending_count.fill_(1)
+            self.pending_sum += vec.detach().to(self.pending_sum)
+            self.pending_count += 1
         return total, weights
 
     def after_step(self, losses_after: Mapping[str, Tensor] | None = None) -> None:

@@ -76,7 +76,7 @@ def test_uw_combined_loss_and_weights() -> None:
         uw.log_vars.copy_(torch.tensor([math.log(2.0), math.log(0.5)]))
     total, w = uw(L(semseg=3.0, depth=1.0), step=0)
     # classification: exp(-s) L + s/2 = 3/2 + log(2)/2 ; regression: exp(-s) L / 2 + s/2 = 1 + log(0.5)/2
-    assert float(total) == pytest.approx(1.5 + math.log(2) / 2 + 1.0 + math.log(0.5) / 2, rel=1e-6)
+    assert float(total.detach()) == pytest.approx(1.5 + math.log(2) / 2 + 1.0 + math.log(0.5) / 2, rel=1e-6)
     assert w == pytest.approx({"semseg": 0.5, "depth": 1.0}, rel=1e-6)
     assert uw.extra_parameters() == [uw.log_vars]
 
@@ -96,7 +96,7 @@ def test_uw_optimum_is_sigma2_equal_to_loss() -> None:
         opt.zero_grad()
         uw(L(a=0.7), step=0)[0].backward()
         opt.step()
-    assert float(uw.log_vars[0].exp()) == pytest.approx(0.7, rel=1e-4)
+    assert float(uw.log_vars.detach()[0].exp()) == pytest.approx(0.7, rel=1e-4)
 
 
 # ---------------------------------------------------------------- DWA
@@ -493,3 +493,16 @@ def test_defaults_are_the_papers() -> None:
     assert (famo.w_lr, famo.gamma) == (0.025, 1e-3)
     assert famo.optimizer.param_groups[0]["lr"] == 0.025 and famo.optimizer.param_groups[0]["weight_decay"] == 1e-3
     assert IGB(TASKS).temperature == 1.0 and IGB(TASKS).base_epoch == 1
+
+
+def test_eval_mode_losses_do_not_enter_epoch_averages() -> None:
+    dwa = DynamicWeightAverage(TASKS)
+    dwa(L(semseg=2.0, depth=4.0), step=0)
+    dwa.eval()
+    dwa(L(semseg=50.0, depth=50.0), step=0)
+    dwa.train()
+    dwa.end_epoch()  # (2, 4)
+    dwa(L(semseg=1.0, depth=4.0), step=1)
+    dwa.end_epoch()  # (1, 4): r = (0.5, 1)
+    _, w = dwa(L(semseg=1.0, depth=1.0), step=2)
+    assert [w["semseg"], w["depth"]] == pytest.approx([2 * v for v in softmax([0.25, 0.5])], rel=1e-6)
