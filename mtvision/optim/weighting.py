@@ -22,13 +22,19 @@ Protocol, per optimizer step ``step`` (the same number for every micro-batch of 
    losses of the same batch from an extra no-grad forward of the updated model (under gradient
    accumulation, the mean over the same micro-batches). GradNorm renormalises its weights here.
 4. ``weighting.end_epoch()`` at the end of every training epoch. DWA and IGB average the finite losses
-   seen by ``forward`` in training mode (``weighting.train()``, the default) during the epoch; ``end_epoch(averages)`` supplies the averages instead (e.g.
-   all-reduced under DDP, so that every rank computes the same weights).
+   that ``forward`` saw in training mode (``weighting.train()``, the default) during the epoch;
+   ``end_epoch(averages)`` supplies the averages instead (e.g. all-reduced under DDP, so that every
+   rank computes the same weights).
+
+Methods (``WEIGHTINGS``): ew, fixed, uw (Kendall et al. 2018), dwa (Liu et al. 2019), gradnorm
+(Chen et al. 2018), rlw (Lin et al. 2022), gls (Chennupati et al. 2019), famo (Liu et al. 2023) and
+igb (Dai et al. 2023, the heuristic IGB_v1 only). Each class documents its formula and defaults.
 
 Bad input: losses whose keys differ from the tasks raise `LossWeightingError` naming the missing and
 extra tasks. A non-finite loss makes ``total`` non-finite (the trainer skips the step) and changes no
 state: nothing is accumulated or recorded, no sample is drawn, no weight moves, and the weights
-reported are those of the last finite step. ``make_weighting`` rejects unknown methods and options with did-you-mean errors.
+reported are those of the last finite step. ``make_weighting`` rejects unknown methods and options
+with did-you-mean errors.
 """
 
 from __future__ import annotations
@@ -296,7 +302,7 @@ class GradNorm(LossWeighting):
     leaves negative weights undefined). The norms are those of this process's batch (no DDP reduction).
 
     `total` = Σ_i sg(w_i) L_i + L_grad, where sg stops the gradient: the network gets the gradient of
-    the weighted loss and w only ∇_w L_grad, as in the paper. Since G_i = w_i ‖∇_W L_i‖, the norms
+    the weighted loss and w only ∇_w L_grad, as in the paper. Since G_i = |w_i| ‖∇_W L_i‖, the norms
     ‖∇_W L_i‖ are computed once (no second-order graph is needed; ∂L_grad/∂w_i is exactly what the
     paper's create_graph gives). The paper gives w no separate learning rate: put `extra_parameters()`
     in the model's optimizer.
@@ -324,15 +330,15 @@ class GradNorm(LossWeighting):
         norms = []
         for i in range(self.num_tasks):
             grads = torch.autograd.grad(vec[i], params, retain_graph=True, allow_unused=True)
-            sq = sum((g.detach().double().pow(2).sum() for g in grads if g is not None), torch.zeros((), dtype=torch.float64))
-            norms.append(sq.sqrt())
+            sq = [g.detach().double().pow(2).sum() for g in grads if g is not None]
+            norms.append(torch.stack(sq).sum().sqrt() if sq else torch.zeros((), dtype=torch.float64))
         norms_t = torch.stack(norms).to(w)
         if not bool(torch.isfinite(norms_t).all()):
             return weighted + torch.tensor(float("nan"), device=vec.device), w.detach()
         base = self.initial_losses.to(vec) if bool(self.has_initial) else vec.detach()
         ratio = vec.detach() / base
         r = (ratio / ratio.mean()).to(w)
-        grad_norms = w * norms_t
+        grad_norms = w.abs() * norms_t  # ‖∇_W w_i L_i‖ = |w_i| ‖∇_W L_i‖
         target = (grad_norms.mean() * r.pow(self.alpha)).detach()
         l_grad = (grad_norms - target).abs().sum()
         if not bool(self.has_initial):
@@ -371,8 +377,9 @@ class RandomLossWeighting(LossWeighting):
 
     L = Σ_t λ_t L_t with λ = softmax(ε), ε ~ N(0, I_T), drawn afresh for every optimizer step (`step`;
     micro-batches of one step share the draw) from a generator seeded with `seed` (default 0) that
-    lives in this object, so the draws resume exactly from a checkpoint. The weights sum to 1, as in
-    the paper.
+    lives in this object, so the draws resume exactly from a checkpoint (and the same seed gives every
+    DDP rank the same weights). The weights sum to 1, as in the paper and LibMTL (some re-implementations
+    scale them by T).
     """
 
     name = "rlw"
@@ -502,14 +509,14 @@ class IGB(_EpochLosses):
     Multi-Task Learning", UAI 2023).
 
     Base losses L_t^base are the average training losses of epoch `base_epoch` (default 1, the first
-    epoch; the official script's `--base_epoch 1` counts from 0, i.e. takes the second; if that epoch saw
-    no finite loss, the next epoch that did is used). From then on each step's weights are w = T · softmax(g / τ) with the improvable gap
-    g_t = L_t / L_t^base (the ideal loss taken as 0) and τ = `temperature` (default 1, as in the
-    official code): tasks farther from their goal get more weight. Before the base losses exist, w = 1.
-    As in the paper and the official code, IGB is applied to scale-invariant (log) losses:
-    total = Σ_t w_t log L_t (`log_losses=False` gives Σ_t w_t L_t), so losses must be positive.
-    The paper's second variant, IGB_v2 (weights from a SAC reinforcement-learning agent), is not
-    implemented.
+    epoch; the official script's `--base_epoch 1` counts from 0, i.e. takes the second; if that epoch
+    saw no finite loss, the next epoch that did is used). From then on each step's weights are
+    w = T · softmax(g / τ) with the improvable gap g_t = L_t / L_t^base of the current losses (the ideal
+    loss taken as 0) and τ = `temperature` (default 1, as in the official code): tasks farther from
+    their goal get more weight. Before the base losses exist, w = 1. As in the paper and the official
+    code, IGB is applied to scale-invariant (log) losses: total = Σ_t w_t log L_t (`log_losses=False`
+    gives Σ_t w_t L_t), so losses must be positive. The paper's second variant, IGB_v2 (weights from a
+    SAC reinforcement-learning agent), is not implemented.
     """
 
     name = "igb"
