@@ -1,4 +1,5 @@
-"""Multi-task optimisation: gradient aggregators (Gramian → task weights) and GradDrop."""
+"""Multi-task optimisation: gradient aggregators (Gramian → task weights), GradDrop, loss weighting
+(`mtvision.optim.weighting`) and the gradient calibrator that applies an aggregator."""
 
 from mtvision.optim.aggregators import (
     AGGREGATORS,
@@ -15,11 +16,18 @@ from mtvision.optim.aggregators import (
     graddrop,
     make_aggregator,
 )
+from mtvision.optim.calibrator import CalibrationError, CalibrationStats, GradientCalibrator
+from mtvision.optim.weighting import WEIGHTINGS, LossWeighting, make_weighting
 
 __all__ = [
     "AGGREGATORS",
     "Aggregator",
     "AlignedMTL",
+    "CalibrationError",
+    "CalibrationStats",
+    "GradientCalibrator",
+    "LossWeighting",
+    "WEIGHTINGS",
     "CAGrad",
     "EqualWeights",
     "GradVac",
@@ -30,4 +38,5 @@ __all__ = [
     "UPGrad",
     "graddrop",
     "make_aggregator",
+    "make_weighting",
 ]
