@@ -87,10 +87,10 @@ def _run(args: argparse.Namespace) -> int:
     split = {"test": cfg.data.test_split, "val": cfg.data.val_split}.get(args.split, args.split)
     pre = model.config.preprocess
     dataset = make_dataset(cfg.data, split, eval_transforms(cfg.data.height, cfg.data.width, pre.mean, pre.std))
+    meter_info = dataset.meter_info()
     if args.split == "val" and cfg.data.holdout_fraction > 0:  # validation is the held-out part of train
         split = f"{cfg.data.train_split} (held-out {cfg.data.holdout_fraction:.0%})"
         dataset = Subset(dataset, holdout_split(len(dataset), cfg.data.holdout_fraction)[1])
-        dataset.meter_info = dataset.dataset.meter_info
     batch_size = args.batch_size or cfg.train.batch_size
     loader = build_loader(dataset, batch_size, shuffle=False, num_workers=min(cfg.data.num_workers, 2), pad=False,
                           num_replicas=info.world_size, rank=info.rank, persistent_workers=False)
@@ -98,7 +98,7 @@ def _run(args: argparse.Namespace) -> int:
     from mtvision.engine.progress import Progress
 
     with Progress(len(loader), f"eval {split}", enabled=info.is_main) as bar:
-        metrics = evaluate(model, loader, tasks, dataset.meter_info(), info.device, progress=bar)
+        metrics = evaluate(model, loader, tasks, meter_info, info.device, progress=bar)
     if info.is_main:
         out = args.out or (target / f"metrics_{args.split}.json")
         out.write_text(json.dumps({"split": split, "target": str(target), "metrics": metrics}, indent=2))

@@ -100,10 +100,7 @@ class GradientCalibrator:
                 raise CalibrationError(f"task {t!r} has no gradient path to the shared representation")
             per_task.append([torch.zeros_like(r) if g is None else g for r, g in zip(reps, rep_grads)])
             _accumulate(heads[t], head_grads)
-        flat = torch.stack([torch.cat([g.reshape(-1) for g in gs]).double() for gs in per_task])
-        gramian = flat @ flat.T
-        weights = self.aggregator(gramian).to(flat.dtype)
-        combined = [sum(float(w) * gs[i] for w, gs in zip(weights, per_task)) for i in range(len(reps))]
+        weights, gramian, combined = self._combine(per_task)
         torch.autograd.backward(reps, grad_tensors=combined)  # through the shared part only
         return _stats(names, weights, gramian)
 
@@ -116,9 +113,14 @@ class GradientCalibrator:
             )
             per_task.append([torch.zeros_like(p) if g is None else g for p, g in zip(shared, grads[: len(shared)])])
             _accumulate(heads[t], grads[len(shared) :])
+        weights, gramian, combined = self._combine(per_task)
+        _accumulate(shared, combined)
+        return _stats(names, weights, gramian)
+
+    def _combine(self, per_task: list[list[Tensor]]) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """(weights, Gramian K = G Gᵀ, Σ_t w_t g_t per tensor) from each task's list of gradient tensors."""
         flat = torch.stack([torch.cat([g.reshape(-1) for g in gs]).double() for gs in per_task])
         gramian = flat @ flat.T
         weights = self.aggregator(gramian).to(flat.dtype)
-        combined = [sum(float(w) * gs[j] for w, gs in zip(weights, per_task)) for j in range(len(shared))]
-        _accumulate(shared, combined)
-        return _stats(names, weights, gramian)
+        combined = [sum(float(w) * gs[i] for w, gs in zip(weights, per_task)) for i in range(len(per_task[0]))]
+        return weights, gramian, combined
