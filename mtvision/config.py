@@ -402,6 +402,58 @@ class DataConfig:
 
 
 @dataclass
+class WeightingConfig:
+    """Loss weighting (`mtvision.optim.weighting`), applied after `optim.loss_weights`.
+
+    Attributes:
+        method: "ew", "fixed", "uw", "dwa", "gradnorm", "rlw", "gls", "famo" or "igb".
+        options: the method's keyword options (e.g. {alpha: 1.5} for gradnorm, {temperature: 2.0} for dwa).
+        lr: learning rate of the method's own parameters (UW's log-variances, GradNorm's weights);
+            None: optim.lr, following the schedule like every other parameter group.
+    """
+
+    method: str = "ew"
+    options: dict[str, Any] = field(default_factory=dict)
+    lr: float | None = None
+
+    def validate(self) -> None:
+        from mtvision.optim.weighting import WEIGHTINGS
+
+        if self.method not in WEIGHTINGS:
+            hint = closest(self.method, list(WEIGHTINGS))
+            extra = f"; did you mean {hint!r}?" if hint else ""
+            raise ConfigError(f"optim.weighting.method {self.method!r} is unknown{extra} (valid: {', '.join(WEIGHTINGS)})")
+        _check(self.lr is None or self.lr > 0, f"optim.weighting.lr must be > 0 or null, got {self.lr}")
+
+
+@dataclass
+class CalibrationConfig:
+    """Gradient calibration (`mtvision.optim.calibrator`).
+
+    Attributes:
+        method: an aggregator ("mgda", "pcgrad", "cagrad", "imtl_g", "nash_mtl", "aligned_mtl", "upgrad",
+            "gradvac", "ew") or "graddrop"; None: no calibration (one plain backward pass).
+        level: "features" (per-task gradients at the shared representation, about one backward pass),
+            "params" (over the shared parameters, T backward passes) or "fuller" (features, then the
+            gradient magnitudes entering each backbone scale are equalised).
+        options: the method's keyword options (e.g. {c: 0.4} for cagrad).
+    """
+
+    method: str | None = None
+    level: Literal["features", "params", "fuller"] = "features"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        from mtvision.optim.aggregators import AGGREGATORS
+
+        valid = [*AGGREGATORS, "graddrop"]
+        if self.method is not None and self.method not in valid:
+            hint = closest(self.method, valid)
+            extra = f"; did you mean {hint!r}?" if hint else ""
+            raise ConfigError(f"optim.calibration.method {self.method!r} is unknown{extra} (valid: {', '.join(valid)})")
+
+
+@dataclass
 class OptimConfig:
     """Optimizer, learning-rate schedule and loss weights.
 
@@ -417,7 +469,10 @@ class OptimConfig:
         warmup_ratio: learning rate at the start of warmup, as a fraction of lr.
         min_lr: floor of the decayed learning rate.
         grad_clip: maximum global gradient norm, or None for no clipping.
-        loss_weights: fixed per-task loss multipliers (tasks not listed get 1.0).
+        loss_weights: fixed per-task loss multipliers (tasks not listed get 1.0), applied before
+            the weighting method.
+        weighting: the loss-weighting method (default EW).
+        calibration: the gradient-calibration method (default none).
     """
 
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
@@ -432,6 +487,8 @@ class OptimConfig:
     min_lr: float = 0.0
     grad_clip: float | None = None
     loss_weights: dict[str, float] = field(default_factory=dict)
+    weighting: WeightingConfig = field(default_factory=WeightingConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     def validate(self) -> None:
         """Raise ConfigError on out-of-range values."""
@@ -448,6 +505,8 @@ class OptimConfig:
         )
         bad = {k: v for k, v in self.loss_weights.items() if v < 0}
         _check(not bad, f"optim.loss_weights must be >= 0, got {bad}")
+        self.weighting.validate()
+        self.calibration.validate()
 
 
 @dataclass

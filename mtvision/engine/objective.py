@@ -1,18 +1,32 @@
 """Per-task losses, and the one place where they become a gradient.
 
-Every training step computes a `dict[task, loss]` and hands it to `objective.backward(losses)`.
-`WeightedSum` is the plain weighted sum; loss-weighting and gradient-calibration methods plug in
-here by offering the same `backward` / `state_dict` / `load_state_dict` interface, without any
-change to the training loop.
+Every training step computes a `dict[task, loss]` and hands it to `objective.backward(losses, step)`.
+`MultiTaskObjective` composes, in this order:
+
+1. `loss_weights`: fixed per-task multipliers (e.g. the InvPT recipe's edge × 50), applied first;
+2. a loss weighting (`mtvision.optim.weighting`: EW by default, UW, DWA, GradNorm, FAMO, ...), which
+   turns the losses into a total whose model gradient is Σ_t w_t ∇L_t, plus its own parameters'
+   gradients;
+3. optionally a gradient calibrator (`mtvision.optim.calibrator`), which receives the weighted
+   per-task losses w_t·L_t and combines their gradients through an aggregator.
+
+Without a calibrator, `backward` is a single backward pass of the total, so EW with no calibration
+is exactly the plain (weighted) summed loss.  With a calibrator the DDP model must run its forward
+under `no_sync()` (`manual_sync` is True) and the trainer averages the gradients afterwards with
+`sync_gradients`; the weighting's own parameters are outside DDP and are always averaged there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from mtvision.engine import distributed as dist
+from mtvision.optim.calibrator import CalibrationStats, GradientCalibrator
+from mtvision.optim.weighting import LossWeighting, make_weighting
 from mtvision.tasks import Task
 
 
@@ -37,24 +51,175 @@ def compute_losses(
     return losses
 
 
-class WeightedSum:
-    """Total loss = Σ_t w_t L_t (w_t = 1 where no weight is given); backward through it."""
+class MultiTaskObjective:
+    """Fixed loss weights -> loss weighting -> (optional) gradient calibration -> `.grad`.
 
-    def __init__(self, weights: Mapping[str, float] | None = None) -> None:
-        self.weights = dict(weights or {})
+    `shared` returns what GradNorm measures gradient norms on (the last shared tensors); it is
+    called only for weightings that need it.
+    """
 
-    def total(self, losses: Mapping[str, Tensor]) -> Tensor:
-        """The weighted sum of `losses`."""
-        return sum(self.weights.get(name, 1.0) * loss for name, loss in losses.items())
+    def __init__(
+        self,
+        weighting: LossWeighting,
+        calibrator: GradientCalibrator | None = None,
+        loss_weights: Mapping[str, float] | None = None,
+        shared: Callable[[], Sequence[Tensor]] | None = None,
+    ) -> None:
+        self.weighting, self.calibrator = weighting, calibrator
+        self.loss_weights = dict(loss_weights or {})
+        unknown = [t for t in self.loss_weights if t not in weighting.tasks]
+        if unknown:
+            raise ValueError(f"loss_weights name tasks {unknown} that are not in {weighting.tasks}")
+        self.shared = shared
+        self.last_weights: dict[str, float] = {t: self.loss_weights.get(t, 1.0) for t in weighting.tasks}
+        self.last_stats: CalibrationStats | None = None
+        self._log_sums: dict[str, float] = {}
+        self._log_count = 0
 
-    def backward(self, losses: Mapping[str, Tensor], scale: float = 1.0, scaler: torch.amp.GradScaler | None = None) -> Tensor:
-        """Accumulate the gradient of `scale` x total into `.grad` (through the GradScaler when given)."""
-        total = self.total(losses) * scale
-        (scaler.scale(total) if scaler is not None else total).backward()
-        return total.detach()
+    # -------------------------------------------------------------------------------- properties
+    @property
+    def manual_sync(self) -> bool:
+        """Whether gradients must be averaged across ranks by `sync_gradients` (DDP forward in no_sync)."""
+        return self.calibrator is not None
 
-    def state_dict(self) -> dict[str, float]:
-        return dict(self.weights)
+    @property
+    def needs_losses_after_step(self) -> bool:
+        """Whether `after_step` wants the same batch's losses from the updated model (FAMO)."""
+        return self.weighting.needs_losses_after_step
 
-    def load_state_dict(self, state: Mapping[str, float]) -> None:
-        self.weights = dict(state)
+    def extra_parameters(self) -> list[nn.Parameter]:
+        """The weighting's trainable parameters, for the optimizer (no weight decay)."""
+        return self.weighting.extra_parameters()
+
+    # -------------------------------------------------------------------------------- the step
+    def prescale(self, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The losses times their fixed `loss_weights`."""
+        return {t: (self.loss_weights[t] * v if t in self.loss_weights else v) for t, v in losses.items()}
+
+    def backward(
+        self, losses: Mapping[str, Tensor], step: int = 0, scale: float = 1.0, scaler: torch.amp.GradScaler | None = None
+    ) -> Tensor:
+        """Accumulate the gradient of `scale` x the objective into `.grad`; returns the (detached) scaled total."""
+        prescaled = self.prescale(losses)
+        shared = list(self.shared()) if (self.weighting.needs_shared_grads and self.shared is not None) else None
+        total, weights = self.weighting(prescaled, step, shared=shared)
+        loss_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        if self.calibrator is None:
+            scaled = total * scale
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            self._record(weights, None)
+            return scaled.detach()
+        extra = [p for p in self.weighting.extra_parameters() if p.requires_grad]
+        if extra and total.requires_grad:  # the weighting's own parameters: from its total, as without calibration
+            torch.autograd.backward(total * (scale * loss_scale), inputs=extra, retain_graph=True)
+        per_task = {t: prescaled[t] * (weights[t] * scale) for t in self.weighting.tasks}
+        stats = self.calibrator.backward(per_task, loss_scale=loss_scale)
+        self._record(weights, stats)
+        scaled = (total * scale).detach()
+        if not stats.finite:
+            scaled = scaled * float("nan")  # non-finite gradients: make the trainer skip the step
+        return scaled
+
+    def sync_gradients(self, model: nn.Module) -> None:
+        """Average across ranks the gradients that are not averaged yet (call after the last micro-batch)."""
+        if dist.world_size() < 2:
+            return
+        done = {id(p) for p in self.calibrator.synced_parameters} if self.calibrator is not None else set()
+        params = [p for p in model.parameters() if p.requires_grad and id(p) not in done] if self.manual_sync else []
+        params += [p for p in self.weighting.extra_parameters() if p.requires_grad]
+        average_gradients(params)
+
+    def after_step(self, losses_after: Mapping[str, Tensor] | None) -> None:
+        """After the optimizer step (None: it was skipped); `losses_after` are raw, un-prescaled losses."""
+        if losses_after is not None:
+            losses_after = self.prescale(losses_after)
+            if dist.world_size() > 1:
+                losses_after = {t: dist.all_reduce_mean_(v.detach().float().clone()) for t, v in losses_after.items()}
+        self._sync_buffers()
+        self.weighting.after_step(losses_after)
+
+    def end_epoch(self) -> None:
+        """At the end of a training epoch (DWA, IGB)."""
+        self._sync_buffers()
+        self.weighting.end_epoch()
+
+    def _sync_buffers(self) -> None:
+        """Average the weighting's floating-point running state over ranks, so every rank agrees."""
+        if dist.world_size() < 2:
+            return
+        for buffer in self.weighting.buffers():
+            if buffer.is_floating_point():
+                dist.all_reduce_mean_(buffer)
+
+    # -------------------------------------------------------------------------------- logging, state
+    def _record(self, weights: Mapping[str, float], stats: CalibrationStats | None) -> None:
+        self.last_weights = dict(weights)
+        self.last_stats = stats
+        values = {f"loss_weight/{t}": float(w) for t, w in weights.items()}
+        if stats is not None and stats.finite:
+            values.update({f"calibration/{k}": v for k, v in stats.scalars().items()})
+        for k, v in values.items():
+            self._log_sums[k] = self._log_sums.get(k, 0.0) + v
+        self._log_count += 1
+
+    def consume_log(self) -> dict[str, float]:
+        """Averages of the task weights and conflict statistics since the last call (for loggers)."""
+        out = {k: v / self._log_count for k, v in self._log_sums.items()} if self._log_count else {}
+        self._log_sums, self._log_count = {}, 0
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "weighting": self.weighting.state_dict(),
+            "calibrator": self.calibrator.state_dict() if self.calibrator is not None else None,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.weighting.load_state_dict(state["weighting"])
+        if self.calibrator is not None and state.get("calibrator") is not None:
+            self.calibrator.load_state_dict(state["calibrator"])
+
+
+def average_gradients(params: Sequence[nn.Parameter]) -> None:
+    """Average `.grad` of `params` across ranks in one flat all-reduce (a missing gradient counts as
+    zero where any rank has one; parameters without a gradient on every rank keep None)."""
+    if dist.world_size() < 2 or not params:
+        return
+    device = params[0].device
+    present = torch.tensor([float(p.grad is not None) for p in params], device=device)
+    dist.all_reduce_sum_(present)
+    chosen = [p for p, n in zip(params, present.tolist()) if n > 0]
+    if not chosen:
+        return
+    for p in chosen:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in chosen])
+    dist.all_reduce_mean_(flat)
+    offset = 0
+    for p in chosen:
+        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
+        offset += p.numel()
+
+
+def build_objective(
+    model: nn.Module,
+    tasks: Sequence[str],
+    weighting: str = "ew",
+    weighting_options: Mapping[str, Any] | None = None,
+    calibration: str | None = None,
+    level: str = "features",
+    calibration_options: Mapping[str, Any] | None = None,
+    loss_weights: Mapping[str, float] | None = None,
+) -> MultiTaskObjective:
+    """The objective a config describes, for the (unwrapped) multi-task `model`."""
+    from mtvision.optim.calibrator import make_calibrator
+
+    method = make_weighting(weighting, list(tasks), **dict(weighting_options or {}))
+    calibrator = make_calibrator(model, calibration, level, **dict(calibration_options or {})) if calibration else None
+
+    def shared() -> list[Tensor]:
+        reps = [r for r in model.shared_representation() if r.requires_grad]
+        return reps or [p for p in model.shared_parameters() if p.requires_grad][-1:]
+
+    return MultiTaskObjective(method, calibrator, loss_weights, shared)

@@ -29,7 +29,7 @@ from mtvision.engine.checkpoint import CheckpointManager, capture_rng_state, loa
 from mtvision.engine.data import RunData, build_run_data
 from mtvision.engine.evaluator import autocast_context, evaluate, predict_panels
 from mtvision.engine.loggers import PredictionPanel, build_loggers, colour_pair, format_metrics_table
-from mtvision.engine.objective import WeightedSum, compute_losses
+from mtvision.engine.objective import MultiTaskObjective, build_objective, compute_losses
 from mtvision.engine.progress import Progress
 from mtvision.engine.schedule import WarmupSchedule, build_scheduler
 from mtvision.engine.selection import Selector
@@ -96,18 +96,48 @@ def model_config_for(cfg: ExperimentConfig, num_classes: dict[str, int]) -> Mode
     return model_cfg
 
 
-def build_optimizer(model: nn.Module, cfg: ExperimentConfig) -> torch.optim.Optimizer:
-    """AdamW / Adam / SGD; no weight decay on biases and normalisation weights (1-D parameters)."""
+def build_optimizer(
+    model: nn.Module, cfg: ExperimentConfig, extra: list[nn.Parameter] | None = None
+) -> torch.optim.Optimizer:
+    """AdamW / Adam / SGD; no weight decay on biases and normalisation weights (1-D parameters).
+
+    `extra`: the loss weighting's own parameters, a third group without weight decay at
+    `optim.weighting.lr` (default `optim.lr`)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)
     o = cfg.optim
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if extra:
+        groups.append({"params": list(extra), "weight_decay": 0.0, "lr": o.weighting.lr or o.lr})
     if o.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
     cls = torch.optim.AdamW if o.optimizer == "adamw" else torch.optim.Adam
     return cls(groups, lr=o.lr, betas=tuple(o.betas))
+
+
+def base_learning_rates(optimizer: torch.optim.Optimizer, cfg: ExperimentConfig) -> list[float]:
+    """The peak learning rate of each parameter group (the weighting's group has its own)."""
+    o = cfg.optim
+    return [o.lr, o.lr] + [o.weighting.lr or o.lr] * (len(optimizer.param_groups) - 2)
+
+
+def make_objective(core: nn.Module, cfg: ExperimentConfig, device: torch.device) -> MultiTaskObjective:
+    """The loss weighting and gradient calibration of `cfg.optim`, for the unwrapped model."""
+    o = cfg.optim
+    objective = build_objective(
+        core,
+        cfg.data.tasks,
+        weighting=o.weighting.method,
+        weighting_options=o.weighting.options,
+        calibration=o.calibration.method,
+        level=o.calibration.level,
+        calibration_options=o.calibration.options,
+        loss_weights=o.loss_weights,
+    )
+    objective.weighting.to(device)
+    return objective
 
 
 def make_schedule(o: OptimConfig, steps: int) -> WarmupSchedule:
@@ -209,13 +239,13 @@ def _train(
     if info.is_distributed and tc.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     core = model  # the unwrapped model: checkpoints, exports, evaluation
-    optimizer = build_optimizer(core, cfg)
+    objective = make_objective(core, cfg, dev)
+    optimizer = build_optimizer(core, cfg, objective.extra_parameters())
     steps, steps_per_epoch = total_steps(cfg, len(data.train))
     o = cfg.optim
     schedule = make_schedule(o, steps)
     scheduler = build_scheduler(optimizer, schedule)
     scaler = torch.amp.GradScaler(dev.type, enabled=tc.amp == "fp16")
-    objective = WeightedSum(o.loss_weights)
     references = load_references(tc.references, list(tasks)) if tc.references else None
     selector = Selector(tc.select_metric, tasks, references=references)
     if info.is_distributed:
@@ -233,11 +263,11 @@ def _train(
         # the current config decides the schedule: a resumed run may be longer or use another lr
         schedule = make_schedule(o, steps)
         scheduler.lr_lambdas = [schedule] * len(optimizer.param_groups)
-        scheduler.base_lrs = [o.lr] * len(optimizer.param_groups)
-        for group in optimizer.param_groups:
-            group["lr"] = o.lr * schedule(scheduler.last_epoch)
+        scheduler.base_lrs = base_learning_rates(optimizer, cfg)
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base * schedule(scheduler.last_epoch)
         scaler.load_state_dict(state["scaler"])
-        objective.load_state_dict(state["weighting"])
+        objective.load_state_dict({"weighting": state["weighting"], "calibrator": state["calibrator"]})
         selector.load_state_dict(state["selection"])
         step, epoch, skipped = state["step"], state["epoch"], state["skipped_steps"]
         val_metrics = state.get("metrics") or {}
@@ -279,8 +309,7 @@ def _train(
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(),
-            "weighting": objective.state_dict(),
-            "calibrator": None,
+            **objective.state_dict(),  # "weighting" and "calibrator"
             "selection": selector.state_dict(),
             "rng": rngs,
             "sampler": samplers,
@@ -323,30 +352,41 @@ def _train(
     window: dict[str, float] = {}
     window_n, window_images, window_start = 0, 0, time.perf_counter()
     interrupted = False
+    seen_epoch = epoch
     model.train()
     with StopSignal() as stop:
         while step < steps:
             optimizer.zero_grad(set_to_none=True)
             step_losses: dict[str, float] = {}
             finite = True
+            kept: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []  # for FAMO's second forward
             for micro in range(tc.grad_accum):
                 epoch, batch = next(batches)
+                if epoch != seen_epoch:  # an epoch ended (DWA and IGB update their weights here)
+                    objective.end_epoch()
+                    seen_epoch = epoch
                 images = batch["image"].to(dev, non_blocking=True)
                 if tc.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 targets = {t: batch[t].to(dev, non_blocking=True) for t in tasks}
-                sync = micro == tc.grad_accum - 1 or not info.is_distributed
-                with (nullcontext() if sync else model.no_sync()), autocast_context(dev, tc.amp):
+                sync = not objective.manual_sync and (micro == tc.grad_accum - 1 or not info.is_distributed)
+                with (nullcontext() if sync or not info.is_distributed else model.no_sync()), autocast_context(dev, tc.amp):
                     outputs = model(images)
                 losses = compute_losses(outputs, targets, tasks)
-                total = objective.backward(losses, scale=1.0 / tc.grad_accum, scaler=scaler if tc.amp == "fp16" else None)
+                total = objective.backward(
+                    losses, step=step, scale=1.0 / tc.grad_accum, scaler=scaler if tc.amp == "fp16" else None
+                )
                 finite &= bool(torch.isfinite(total))
                 for t, v in losses.items():
                     step_losses[t] = step_losses.get(t, 0.0) + float(v.detach()) / tc.grad_accum
+                if objective.needs_losses_after_step:
+                    kept.append((images, targets))
                 data.sampler.advance(images.shape[0])
                 window_images += images.shape[0] * info.world_size
-            if not _agree(not finite, dev):
+            stepped = not _agree(not finite, dev)
+            if stepped:
                 nonfinite_run = 0
+                objective.sync_gradients(core)
                 if tc.amp == "fp16":
                     scaler.unscale_(optimizer)
                 if o.grad_clip is not None:
@@ -367,6 +407,7 @@ def _train(
                         f"{nonfinite_run} consecutive steps had non-finite losses (last: {step_losses}); stopping. "
                         "Lower optim.lr, enable optim.grad_clip, or check the data."
                     )
+            objective.after_step(_losses_after(core, kept, tasks, dev, tc.amp) if stepped and kept else None)
             scheduler.step()
             step += 1
             for t, v in step_losses.items():
@@ -380,6 +421,7 @@ def _train(
                 scalars = {f"train/loss/{t}": v / window_n for t, v in window.items()}
                 scalars.update({"train/loss": sum(window.values()) / window_n, "train/lr": lr, "train/images_per_s": window_images / elapsed,
                                 "train/epoch": epoch, "train/skipped_steps": skipped})
+                scalars.update({f"train/{k}": v for k, v in objective.consume_log().items()})
                 loggers.log_scalars(scalars, step)
                 window, window_n, window_images, window_start = {}, 0, 0, time.perf_counter()
             if on_step is not None:
@@ -399,6 +441,19 @@ def _train(
         result.test_metrics, result.pretrained_dir = _finish(core, ckpts, data, tasks, dev, tc.amp, out, info, loggers, step)
         result.best_step = selector.best_step
     return result
+
+
+@torch.no_grad()
+def _losses_after(core: nn.Module, kept, tasks, dev: torch.device, amp: str) -> dict[str, torch.Tensor]:
+    """The step's per-task losses recomputed by the updated model (train mode, as FAMO's code does),
+    averaged over its micro-batches."""
+    sums: dict[str, torch.Tensor] = {}
+    for images, targets in kept:
+        with autocast_context(dev, amp):
+            outputs = core(images)
+        for t, v in compute_losses(outputs, targets, tasks).items():
+            sums[t] = sums.get(t, 0.0) + v.float() / len(kept)
+    return sums
 
 
 def _batches(data: RunData, epoch: int):

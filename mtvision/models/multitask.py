@@ -58,6 +58,10 @@ class MultiTaskModel(nn.Module):
         """Tensors of the last forward that every task's loss flows through (see the decoder's docs)."""
         return self.decoder.shared_representation()
 
+    def branch_representation(self) -> list[Tensor]:
+        """Tensors of the last forward where the shared part splits into branches (FULLER calibration)."""
+        return self.decoder.branch_representation()
+
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters every task's loss can reach (backbone, neck, mixing units)."""
         return self.decoder.shared_parameters()

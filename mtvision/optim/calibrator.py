@@ -10,26 +10,49 @@ what `optimizer.step()` needs (DESIGN.md, Calibrator contract):
   fills the shared parameters' gradients: about one backward pass in all.
 - level "params": the g_t are taken over the shared parameters themselves (T backward passes
   through the whole network); the shared parameters get Σ_t w_t g_t.
+- level "fuller" (FULLER's multi-level calibration, Huang et al. ICCV 2023, adapted to dense
+  prediction): task level as "features"; then the combined gradient is carried down to the
+  branch tensors (`model.branch_representation()`: the per-scale backbone features that feed the
+  neck), each branch's gradient is rescaled to the mean of the branches' gradient norms, and only
+  then does it flow on into the backbone.
 
 Task-specific parameters (the heads) always get their own task's plain gradient ∂L_t/∂θ_t.
 
-Not yet done (issue 5): DDP (features: all-reduce of K; params: averaging g_t across ranks before
-K), AMP loss scaling, FULLER's multi-level calibration, the sharpness-aware step and the wiring
-into `mtv-train`.  Until then this is a single-process library piece.
+DDP (the model must be run under `no_sync`; the caller then averages every gradient except
+`synced_parameters` across ranks, as `MultiTaskObjective` does):
+
+- features: the ranks' representations are disjoint coordinates of one global vector and each
+  rank's loss is 1/R of the global one, so K = Σ_r K_r / R² with one T×T all-reduce; every rank gets
+  the same weights, backpropagates Σ w_t g_t locally, and the averaged parameter gradients equal the
+  single-process ones on the concatenated batch.  FULLER all-reduces its branch norms too.
+- params: the per-task gradients are averaged across ranks (one T×P all-reduce) before K.
+
+AMP: `backward(losses, loss_scale=s)` backpropagates s·L_t (GradScaler's scale), forms K from the
+unscaled gradients and leaves the gradients scaled, for `scaler.unscale_` / `scaler.step`.  A
+non-finite loss or gradient makes `stats.finite` False: the weights fall back to ones, no
+aggregator state moves, and the step must be skipped (GradScaler skips it by itself; the trainer
+skips it otherwise).  All ranks still take part in every collective, so DDP never hangs.
+
+Gradient accumulation calibrates each micro-batch on its own (the aggregator is nonlinear, and the
+features level would otherwise have to keep every micro-batch's graph alive).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import inspect
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+import torch.distributed as tdist
 from torch import Tensor, nn
 
-from mtvision.errors import MTVisionError
+from mtvision.errors import MTVisionError, unknown_name
 from mtvision.optim.aggregators import Aggregator
+from mtvision.optim.aggregators.graddrop import graddrop
 
-LEVELS = ("features", "params")
+LEVELS = ("features", "params", "fuller")
 
 
 class CalibrationError(MTVisionError, ValueError):
@@ -38,19 +61,72 @@ class CalibrationError(MTVisionError, ValueError):
 
 @dataclass
 class CalibrationStats:
-    """What one calibrated backward pass saw: task weights, the Gramian and pairwise cosines."""
+    """What one calibrated backward pass saw: task weights, the (unscaled, global) Gramian and cosines."""
 
     weights: dict[str, float]
     gramian: Tensor
     cosines: Tensor
+    finite: bool = True
+
+    @property
+    def condition_number(self) -> float:
+        """λ_max / λ_min of the Gramian (inf when singular, nan when not finite)."""
+        k = self.gramian.double().numpy()
+        if not np.isfinite(k).all():
+            return float("nan")
+        eig = np.linalg.eigvalsh(0.5 * (k + k.T))
+        top = float(eig[-1])
+        if top <= 0:
+            return float("inf")
+        low = float(eig[0])
+        return top / low if low > top * 1e-15 else float("inf")
+
+    def scalars(self) -> dict[str, float]:
+        """Flat values for loggers: `weight/<task>`, `cos/<a>~<b>` and `gramian_cond`."""
+        names = list(self.weights)
+        out = {f"weight/{t}": w for t, w in self.weights.items()}
+        for i in range(len(names)):
+            for j in range(i + 1, len(names)):
+                out[f"cos/{names[i]}~{names[j]}"] = float(self.cosines[i, j])
+        out["gramian_cond"] = self.condition_number
+        return out
+
+
+class GradDrop:
+    """GradDrop as a calibration method (element-wise; see `aggregators.graddrop`).
+
+    At the features level it acts on the shared activation with the paper's batch-shared masks; at
+    the params level on each shared parameter's per-task gradients.  The uniform draws come from a
+    generator seeded with `seed`, identical on every rank.
+    """
+
+    name = "graddrop"
+
+    def __init__(self, leak: float | Sequence[float] = 0.0, seed: int = 0) -> None:
+        self.leak, self.seed = leak, int(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+    def reset(self) -> None:
+        self.generator.manual_seed(self.seed)
+
+    def __repr__(self) -> str:
+        return f"GradDrop(leak={self.leak!r}, seed={self.seed})"
 
 
 def _task_order(losses: Mapping[str, Tensor]) -> list[str]:
     if not losses:
         raise CalibrationError("calibration needs at least one task loss")
-    bad = [t for t, v in losses.items() if not torch.isfinite(v.detach()).all()]
-    if bad:
-        raise CalibrationError(f"non-finite loss for task(s) {bad}: skip this step instead of calibrating it")
+    for t, v in losses.items():
+        if not isinstance(v, Tensor) or v.numel() != 1:
+            raise CalibrationError(f"loss of task {t!r} must be a scalar tensor")
+        if not v.requires_grad:
+            raise CalibrationError(f"loss of task {t!r} does not require grad: compute it inside the training graph")
     return list(losses)
 
 
@@ -61,32 +137,66 @@ def _accumulate(params: Sequence[nn.Parameter], grads: Sequence[Tensor | None]) 
         p.grad = g.detach().clone() if p.grad is None else p.grad + g.detach()
 
 
-def _stats(names: list[str], weights: Tensor, gramian: Tensor) -> CalibrationStats:
-    norms = gramian.diagonal().clamp_min(0).sqrt()
-    cosines = gramian / (norms[:, None] * norms[None, :]).clamp_min(1e-30)
-    return CalibrationStats({n: float(w) for n, w in zip(names, weights)}, gramian.detach().cpu(), cosines.detach().cpu())
+def _distributed() -> bool:
+    return tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
+
+
+def _all_reduce_sum(t: Tensor) -> Tensor:
+    from mtvision.engine.distributed import all_reduce_sum_
+
+    return all_reduce_sum_(t)
+
+
+def upstream_parameters(tensors: Iterable[Tensor]) -> set[int]:
+    """ids of the leaf tensors (parameters) that `tensors` were computed from (an autograd graph walk)."""
+    seen: set[int] = set()
+    found: set[int] = set()
+    stack = [t.grad_fn for t in tensors if t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            found.add(id(variable))
+        stack.extend(n for n, _ in node.next_functions)
+    return found
 
 
 class GradientCalibrator:
-    """Combine per-task gradients through `aggregator` (a Gramian -> weights map) at `level`."""
+    """Combine per-task gradients through `aggregator` (a Gramian -> weights map, or `GradDrop`) at `level`."""
 
-    def __init__(self, model: nn.Module, aggregator: Aggregator, level: str = "features") -> None:
+    def __init__(self, model: nn.Module, aggregator: Aggregator | GradDrop, level: str = "features") -> None:
         if level not in LEVELS:
             raise CalibrationError(f"unknown calibration level {level!r} (valid: {', '.join(LEVELS)})")
         for method in ("shared_parameters", "task_parameters", "shared_representation"):
             if not hasattr(model, method):
                 raise CalibrationError(f"the model has no {method}(); calibrate a mtvision MultiTaskModel")
+        if level == "fuller" and not hasattr(model, "branch_representation"):
+            raise CalibrationError("level 'fuller' needs a model with branch_representation()")
         self.model, self.aggregator, self.level = model, aggregator, level
+        self.synced_parameters: list[nn.Parameter] = []  # gradients already averaged across ranks
 
-    def backward(self, losses: Mapping[str, Tensor]) -> CalibrationStats:
+    # ------------------------------------------------------------------------------------ public
+    def backward(self, losses: Mapping[str, Tensor], loss_scale: float = 1.0) -> CalibrationStats:
         """Fill `.grad` of every parameter from the per-task `losses` of the last forward pass."""
         names = _task_order(losses)
+        scaled = {t: losses[t] * loss_scale for t in names} if loss_scale != 1.0 else dict(losses)
         heads = {t: [p for p in self.model.task_parameters(t) if p.requires_grad] for t in names}
-        if self.level == "features":
-            return self._features(names, losses, heads)
-        return self._params(names, losses, heads)
+        self.synced_parameters = []
+        if self.level == "params":
+            return self._params(names, scaled, heads, loss_scale)
+        return self._features(names, scaled, heads, loss_scale)
 
-    def _features(self, names, losses, heads) -> CalibrationStats:
+    def state_dict(self) -> dict:
+        return self.aggregator.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.aggregator.load_state_dict(state)
+
+    # ------------------------------------------------------------------------------------ levels
+    def _features(self, names, losses, heads, loss_scale: float) -> CalibrationStats:
         reps = [r for r in self.model.shared_representation() if r.requires_grad]
         if not reps:
             raise CalibrationError(
@@ -100,27 +210,126 @@ class GradientCalibrator:
                 raise CalibrationError(f"task {t!r} has no gradient path to the shared representation")
             per_task.append([torch.zeros_like(r) if g is None else g for r, g in zip(reps, rep_grads)])
             _accumulate(heads[t], head_grads)
-        weights, gramian, combined = self._combine(per_task)
-        torch.autograd.backward(reps, grad_tensors=combined)  # through the shared part only
-        return _stats(names, weights, gramian)
+        world = tdist.get_world_size() if _distributed() else 1
+        flat = torch.stack([torch.cat([g.reshape(-1) for g in gs]).double() for gs in per_task]) / loss_scale
+        gramian = flat @ flat.T
+        if world > 1:
+            _all_reduce_sum(gramian)
+            gramian /= world**2
+        finite = bool(torch.isfinite(gramian).all())
+        if isinstance(self.aggregator, GradDrop):
+            combined = self._graddrop_features(per_task, reps, finite)
+            weights = torch.ones(len(names), dtype=torch.float64)
+        else:
+            weights = self._weights(gramian, finite)
+            combined = [sum(float(w) * gs[i] for w, gs in zip(weights, per_task)) for i in range(len(reps))]
+        if self.level == "fuller":
+            self._fuller(reps, combined, world)
+        else:
+            torch.autograd.backward(reps, grad_tensors=combined)  # through the shared part only
+        return _stats(names, weights, gramian, finite)
 
-    def _params(self, names, losses, heads) -> CalibrationStats:
+    def _params(self, names, losses, heads, loss_scale: float) -> CalibrationStats:
         shared = [p for p in self.model.shared_parameters() if p.requires_grad]
-        per_task = []
+        if not shared:
+            raise CalibrationError("the model has no shared parameters to calibrate")
+        rows = []
         for i, t in enumerate(names):
             grads = torch.autograd.grad(
                 losses[t], shared + heads[t], retain_graph=i < len(names) - 1, allow_unused=True
             )
-            per_task.append([torch.zeros_like(p) if g is None else g for p, g in zip(shared, grads[: len(shared)])])
+            if all(g is None for g in grads[: len(shared)]):
+                raise CalibrationError(f"task {t!r} has no gradient path to the shared parameters")
+            rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(shared, grads)]))
             _accumulate(heads[t], grads[len(shared) :])
-        weights, gramian, combined = self._combine(per_task)
+        flat = torch.stack(rows)  # T x P, scaled by loss_scale
+        world = tdist.get_world_size() if _distributed() else 1
+        if world > 1:
+            _all_reduce_sum(flat)
+            flat /= world
+        unscaled = flat.double() / loss_scale
+        gramian = unscaled @ unscaled.T
+        finite = bool(torch.isfinite(gramian).all())
+        if isinstance(self.aggregator, GradDrop):
+            weights = torch.ones(len(names), dtype=torch.float64)
+            combined_flat = graddrop(flat, leak=self.aggregator.leak, generator=self.aggregator.generator) if finite else flat.sum(0)
+        else:
+            weights = self._weights(gramian, finite)
+            combined_flat = weights.to(flat) @ flat
+        combined, offset = [], 0
+        for p in shared:
+            combined.append(combined_flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
         _accumulate(shared, combined)
-        return _stats(names, weights, gramian)
+        self.synced_parameters = shared
+        return _stats(names, weights, gramian, finite)
 
-    def _combine(self, per_task: list[list[Tensor]]) -> tuple[Tensor, Tensor, list[Tensor]]:
-        """(weights, Gramian K = G Gᵀ, Σ_t w_t g_t per tensor) from each task's list of gradient tensors."""
-        flat = torch.stack([torch.cat([g.reshape(-1) for g in gs]).double() for gs in per_task])
-        gramian = flat @ flat.T
-        weights = self.aggregator(gramian).to(flat.dtype)
-        combined = [sum(float(w) * gs[i] for w, gs in zip(weights, per_task)) for i in range(len(per_task[0]))]
-        return weights, gramian, combined
+    # ------------------------------------------------------------------------------------ pieces
+    def _weights(self, gramian: Tensor, finite: bool) -> Tensor:
+        if not finite:  # the step will be skipped: keep the aggregator's state where it is
+            return torch.ones(len(gramian), dtype=torch.float64)
+        return self.aggregator(gramian.cpu()).double()
+
+    def _graddrop_features(self, per_task: list[list[Tensor]], reps: list[Tensor], finite: bool) -> list[Tensor]:
+        """GradDrop on each representation tensor, masks shared over the (global) batch."""
+        if not finite:
+            return [sum(gs[i] for gs in per_task) for i in range(len(reps))]
+        out = []
+        for i, rep in enumerate(reps):
+            grads = torch.stack([gs[i] for gs in per_task])  # T x B x ...
+            if rep.ndim < 1 or grads.shape[1] == 0:
+                raise CalibrationError("GradDrop at the features level needs batched representation tensors")
+            reduce = _all_reduce_sum if _distributed() else None
+            drop = self.aggregator
+            out.append(graddrop(grads, rep.detach(), drop.leak, drop.generator, batch=True, reduce=reduce))
+        return out
+
+    def _fuller(self, reps: list[Tensor], combined: list[Tensor], world: int) -> None:
+        """Carry the calibrated gradient to the branch tensors, equalise their norms, go on down."""
+        branches = [b for b in self.model.branch_representation() if b.requires_grad]
+        if not branches:
+            raise CalibrationError("level 'fuller' needs branch tensors (model.branch_representation() is empty)")
+        below = upstream_parameters(branches)
+        between = [p for p in self.model.shared_parameters() if p.requires_grad and id(p) not in below]
+        grads = torch.autograd.grad(reps, branches + between, grad_outputs=combined, retain_graph=True, allow_unused=True)
+        branch_grads = [torch.zeros_like(b) if g is None else g for b, g in zip(branches, grads[: len(branches)])]
+        _accumulate(between, grads[len(branches) :])
+        sq = torch.stack([g.double().pow(2).sum() for g in branch_grads])
+        if world > 1:
+            _all_reduce_sum(sq)
+        norms = sq.sqrt()
+        active = norms > 0
+        if bool(torch.isfinite(norms).all()) and bool(active.any()):
+            target = norms[active].mean()
+            factors = torch.where(active, target / norms.clamp_min(1e-300), torch.ones_like(norms))
+            branch_grads = [g * float(f) for g, f in zip(branch_grads, factors)]
+        torch.autograd.backward(branches, grad_tensors=branch_grads)
+
+
+def _stats(names: list[str], weights: Tensor, gramian: Tensor, finite: bool) -> CalibrationStats:
+    g = gramian.detach().double().cpu()
+    norms = g.diagonal().clamp_min(0).sqrt()
+    cosines = g / (norms[:, None] * norms[None, :]).clamp_min(1e-30)
+    return CalibrationStats({n: float(w) for n, w in zip(names, weights)}, g, cosines, finite)
+
+
+def make_calibrator(
+    model: nn.Module, method: str, level: str = "features", **options
+) -> GradientCalibrator:
+    """The calibrator for aggregator `method` (a key of AGGREGATORS, or "graddrop") at `level`."""
+    from mtvision.optim.aggregators import AGGREGATORS, make_aggregator
+
+    if method == "graddrop":
+        valid = list(inspect.signature(GradDrop).parameters)
+        for key in options:
+            if key not in valid:
+                raise unknown_name("option of calibration method 'graddrop'", key, valid)
+        return GradientCalibrator(model, GradDrop(**options), level)
+    if method not in AGGREGATORS:
+        raise unknown_name("calibration method", method, [*AGGREGATORS, "graddrop"])
+    valid = list(inspect.signature(AGGREGATORS[method]).parameters)
+    for key in options:
+        if key not in valid:
+            raise unknown_name(f"option of calibration method {method!r}", key, valid)
+    return GradientCalibrator(model, make_aggregator(method, **options), level)
+

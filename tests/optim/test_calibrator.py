@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
+from mtvision.errors import UnknownNameError
 from mtvision.models.registry import create_model
 from mtvision.optim.aggregators import make_aggregator, min_norm_weights
-from mtvision.optim.calibrator import CalibrationError, GradientCalibrator
+from mtvision.optim.calibrator import CalibrationError, CalibrationStats, GradientCalibrator, make_calibrator
 
 TASKS = {"semseg": 3, "depth": None, "normals": None}
 
@@ -100,12 +103,123 @@ def test_bad_input_is_a_clear_error():
     model, images, targets = tiny()
     with pytest.raises(CalibrationError, match="unknown calibration level"):
         GradientCalibrator(model, make_aggregator("ew"), "layers")
-    losses = losses_of(model, images, targets)
-    losses["depth"] = losses["depth"] * float("nan")
-    with pytest.raises(CalibrationError, match="non-finite loss for task"):
-        GradientCalibrator(model, make_aggregator("ew")).backward(losses)
     with pytest.raises(CalibrationError, match="at least one task"):
         GradientCalibrator(model, make_aggregator("ew")).backward({})
+    with pytest.raises(UnknownNameError, match="did you mean 'pcgrad'"):
+        make_calibrator(model, "pcgard")
+    with pytest.raises(UnknownNameError, match="did you mean 'c'"):
+        make_calibrator(model, "cagrad", cc=0.5)
+    losses = losses_of(model, images, targets)
+    losses["depth"] = sum(p.sum() for p in model.task_parameters("depth"))  # reaches its head only
+    with pytest.raises(CalibrationError, match="task 'depth' has no gradient path to the shared representation"):
+        GradientCalibrator(model, make_aggregator("ew")).backward(losses)
+    losses = losses_of(model, images, targets)
+    losses["depth"] = sum(p.sum() for p in model.task_parameters("depth"))
+    with pytest.raises(CalibrationError, match="task 'depth' has no gradient path to the shared parameters"):
+        GradientCalibrator(model, make_aggregator("ew"), "params").backward(losses)
     stitched, images, targets = tiny("cross_stitch")
     with pytest.raises(CalibrationError, match="level='params'"):
         GradientCalibrator(stitched, make_aggregator("ew")).backward(losses_of(stitched, images, targets))
+
+
+@pytest.mark.parametrize("level", ["features", "params"])
+def test_a_nan_loss_gives_a_non_finite_step_and_leaves_the_aggregator_state_alone(level):
+    model, images, targets = tiny()
+    aggregator = make_aggregator("gradvac")
+    before = aggregator.state_dict()
+    losses = losses_of(model, images, targets)
+    losses["depth"] = losses["depth"] * float("nan")
+    stats = GradientCalibrator(model, aggregator, level).backward(losses)
+    assert not stats.finite and stats.weights == {t: 1.0 for t in TASKS}
+    assert str(aggregator.state_dict()) == str(before)
+    assert not all(torch.isfinite(p.grad).all() for p in model.shared_parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("method", ["mgda", "pcgrad", "cagrad", "imtl_g", "nash_mtl", "aligned_mtl", "upgrad", "gradvac"])
+def test_a_task_with_zero_gradient_gives_finite_weights_and_gradients(method):
+    model, images, targets = tiny()
+    losses = losses_of(model, images, targets)
+    losses["depth"] = losses["depth"] * 0.0
+    stats = GradientCalibrator(model, make_aggregator(method)).backward(losses)
+    assert stats.finite and all(math.isfinite(w) for w in stats.weights.values())
+    assert float(stats.gramian[1, 1]) == 0.0
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("level", ["features", "params", "fuller"])
+def test_a_single_task_is_its_plain_gradient(level):
+    model, images, targets = tiny()
+    out = model(images)
+    model.tasks["depth"].loss(out["depth"], targets["depth"]).backward()
+    want = grads(model)
+    model.zero_grad(set_to_none=True)
+    out = model(images)
+    loss = model.tasks["depth"].loss(out["depth"], targets["depth"])
+    stats = GradientCalibrator(model, make_aggregator("mgda"), level).backward({"depth": loss})
+    assert stats.weights == {"depth": 1.0}
+    got = grads(model)
+    if level == "fuller":  # one active branch per scale; each rescaled to the mean norm: check the heads only
+        want = {k: v for k, v in want.items() if k.startswith("decoder.heads")}
+        got = {k: v for k, v in got.items() if k.startswith("decoder.heads")}
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7)
+
+
+def test_loss_scale_scales_the_gradients_but_not_the_weights_or_the_gramian():
+    model, images, targets = tiny()
+    plain = GradientCalibrator(model, make_aggregator("mgda")).backward(losses_of(model, images, targets))
+    want = grads(model)
+    model.zero_grad(set_to_none=True)
+    scaled = GradientCalibrator(model, make_aggregator("mgda")).backward(losses_of(model, images, targets), loss_scale=1024.0)
+    assert scaled.weights == pytest.approx(plain.weights, rel=1e-9)
+    torch.testing.assert_close(scaled.gramian, plain.gramian, rtol=1e-9, atol=0)
+    for name, g in grads(model).items():
+        torch.testing.assert_close(g, 1024.0 * want[name], rtol=1e-5, atol=1e-6)
+
+
+def test_fuller_equalises_the_gradient_norms_entering_each_backbone_scale():
+    model, images, targets = tiny()
+    losses = losses_of(model, images, targets)
+    reps, branches = model.shared_representation(), model.branch_representation()
+    d = sum(torch.autograd.grad(losses[t], reps, retain_graph=True)[0] for t in TASKS)  # EW
+    raw = torch.autograd.grad(reps, branches, grad_outputs=[d], retain_graph=True, allow_unused=True)
+    raw = [torch.zeros_like(b) if g is None else g for b, g in zip(branches, raw)]
+    norms = torch.stack([g.double().norm() for g in raw])
+    target = norms[norms > 0].mean()
+    equalised = [g * float(target / n) if n > 0 else g for g, n in zip(raw, norms)]
+    backbone = list(model.decoder.backbone.parameters())
+    want_backbone = torch.autograd.grad(branches, backbone, grad_outputs=equalised, retain_graph=True)
+    neck = list(model.decoder.neck.parameters())
+    want_neck = torch.autograd.grad(reps, neck, grad_outputs=[d], retain_graph=True)
+    assert (norms > 0).sum() >= 2 and float(norms.max() / norms[norms > 0].min()) > 1.5  # the test has teeth
+
+    model.zero_grad(set_to_none=True)
+    GradientCalibrator(model, make_aggregator("ew"), "fuller").backward(losses)
+    for p, want in zip(backbone, want_backbone):
+        torch.testing.assert_close(p.grad, want, rtol=1e-5, atol=1e-8)
+    for p, want in zip(neck, want_neck):
+        torch.testing.assert_close(p.grad, want, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("level", ["features", "params"])
+def test_graddrop_with_full_leak_is_the_summed_gradient_and_without_leak_differs(level):
+    model, images, targets = tiny()
+    want = summed_loss_grads(model, images, targets)
+    model.zero_grad(set_to_none=True)
+    make_calibrator(model, "graddrop", level, leak=1.0).backward(losses_of(model, images, targets))
+    for name, g in grads(model).items():
+        torch.testing.assert_close(g, want[name], rtol=1e-5, atol=1e-7)
+    model.zero_grad(set_to_none=True)
+    make_calibrator(model, "graddrop", level).backward(losses_of(model, images, targets))
+    shared_names = [n for n, _ in model.named_parameters() if n.startswith("decoder.backbone")]
+    assert any(not torch.allclose(grads(model)[n], want[n]) for n in shared_names)
+
+
+def test_stats_report_weights_cosines_and_condition_number():
+    stats = CalibrationStats({"a": 0.5, "b": 1.5}, torch.tensor([[4.0, -2.0], [-2.0, 4.0]], dtype=torch.float64),
+                             torch.tensor([[1.0, -0.5], [-0.5, 1.0]], dtype=torch.float64))
+    assert stats.condition_number == pytest.approx(6.0 / 2.0)  # eigenvalues 6 and 2
+    assert stats.scalars() == {"weight/a": 0.5, "weight/b": 1.5, "cos/a~b": -0.5, "gramian_cond": pytest.approx(3.0)}
+    singular = CalibrationStats({"a": 1, "b": 1}, torch.ones(2, 2, dtype=torch.float64), torch.ones(2, 2, dtype=torch.float64))
+    assert singular.condition_number == float("inf")

@@ -35,6 +35,11 @@ class MultiTaskDecoder(nn.Module):
         """Tensors of the last forward that every task's loss flows through (empty when none exists)."""
         raise NotImplementedError
 
+    def branch_representation(self) -> list[Tensor]:
+        """Tensors of the last forward where the shared part splits into branches (per-scale backbone
+        features feeding a neck), for FULLER-style calibration; empty when the decoder has none."""
+        return []
+
     def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
         """Parameters that only `task`'s output depends on."""
         raise NotImplementedError

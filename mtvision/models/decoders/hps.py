@@ -16,7 +16,7 @@ class HPSDecoder(MultiTaskDecoder):
     the single-task baseline).
 
     Shared representation: the fused neck map of the last forward, the single tensor every task's
-    head reads.  `forward(images, [t])` runs the backbone, the neck and head t only.
+    head reads; branch representation: the per-scale backbone features.  `forward(images, [t])` runs the backbone, the neck and head t only.
 
     Options:
         neck_channels: channels of the fused neck map.
@@ -40,14 +40,20 @@ class HPSDecoder(MultiTaskDecoder):
         )
         self.output_stride = self.neck.stride
         self._shared: list[Tensor] = []
+        self._branches: list[Tensor] = []
 
     def forward(self, images: Tensor, tasks: Sequence[str]) -> dict[str, Tensor]:
-        shared = self.neck(self.backbone(images))
-        self._shared = [shared]
+        features = self.backbone(images)
+        shared = self.neck(features)
+        self._shared, self._branches = [shared], list(features)
         return {t: self.heads[t](shared) for t in tasks}
 
     def shared_representation(self) -> list[Tensor]:
         return list(self._shared)
+
+    def branch_representation(self) -> list[Tensor]:
+        """The per-scale backbone features of the last forward (the neck's inputs)."""
+        return list(self._branches)
 
     def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
         return self.heads[task].parameters()

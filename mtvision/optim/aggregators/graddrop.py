@@ -8,7 +8,7 @@ aggregator contract and is a plain function.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -20,6 +20,7 @@ def graddrop(
     leak: float | Sequence[float] = 0.0,
     generator: torch.Generator | None = None,
     batch: bool = False,
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """The GradDrop combined gradient of per-task gradients `grads` [T, *shape] → [*shape].
 
@@ -29,6 +30,7 @@ def graddrop(
     signs_source: the activation the gradients are taken at; as in the paper purity and masks are
     computed on sign(A) ∘ ∇_t.  batch=True: dim 1 of `grads` (dim 0 of `signs_source`) is the batch,
     summed before the purity so that one mask is shared by the batch, as the paper does.
+    reduce: applied to that batch sum (e.g. an all-reduce, so that DDP ranks share the global mask).
     """
     if grads.ndim < 1 or grads.shape[0] == 0:
         raise ValueError(f"grads must be [T, ...] with T >= 1, got shape {tuple(grads.shape)}")
@@ -48,6 +50,8 @@ def graddrop(
         if grads.ndim < 2:
             raise ValueError("batch=True needs grads of shape [T, B, ...]")
         signed = signed.sum(dim=1, keepdim=True)
+        if reduce is not None:
+            signed = reduce(signed)
     purity = 0.5 * (1.0 + signed.sum(0) / signed.abs().sum(0).clamp_min(torch.finfo(grads.dtype).tiny))
     u = torch.rand(purity.shape, generator=generator, dtype=purity.dtype, device="cpu").to(purity.device)
     mask = ((purity > u) & (signed > 0)) | ((purity < u) & (signed < 0))

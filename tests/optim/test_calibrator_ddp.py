@@ -1,0 +1,102 @@
+"""Under DDP (2 gloo processes x batch 2) every method at every level gives the gradients of one process
+with batch 4: features through one T x T all-reduce, params through averaged per-task gradients."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mtvision.engine.objective import average_gradients
+from mtvision.models.registry import create_model
+from mtvision.optim.calibrator import make_calibrator
+
+TASKS = {"semseg": 3, "depth": None, "normals": None}
+CASES = [(m, "features") for m in ("ew", "mgda", "pcgrad", "cagrad", "imtl_g", "nash_mtl", "aligned_mtl", "upgrad", "gradvac", "graddrop")]
+CASES += [(m, "params") for m in ("ew", "mgda", "pcgrad", "cagrad", "imtl_g", "nash_mtl", "aligned_mtl", "upgrad", "gradvac", "graddrop")]
+CASES += [("mgda", "fuller"), ("ew", "fuller")]
+
+
+def _model():
+    torch.manual_seed(0)
+    # group norm and a LayerNorm backbone: no batch statistics, so the batch split cannot matter
+    return create_model(
+        backbone="test_convnext", decoder="hps", tasks=TASKS,
+        decoder_options={"neck_channels": 16, "head_channels": 8, "norm": "gn"},
+    )
+
+
+def _batch():
+    g = torch.Generator().manual_seed(5)
+    images = torch.randn(4, 3, 32, 32, generator=g)
+    targets = {  # every pixel valid: pixel-averaged losses then average equally over samples
+        "semseg": torch.randint(0, 3, (4, 32, 32), generator=g),
+        "depth": torch.rand(4, 1, 32, 32, generator=g) + 1,
+        "normals": torch.nn.functional.normalize(torch.randn(4, 3, 32, 32, generator=g), dim=1),
+    }
+    return images, targets
+
+
+def _gradients(rows: slice) -> dict[str, torch.Tensor]:
+    """{f'{method}/{level}/{param}': grad} for every case, on the samples `rows` of the batch."""
+    model = _model()
+    images, targets = _batch()
+    out: dict[str, torch.Tensor] = {}
+    for method, level in CASES:
+        model.zero_grad(set_to_none=True)
+        pred = model(images[rows])
+        losses = {t: model.tasks[t].loss(pred[t], targets[t][rows]) for t in TASKS}
+        calibrator = make_calibrator(model, method, level)
+        calibrator.backward(losses)
+        done = {id(p) for p in calibrator.synced_parameters}
+        average_gradients([p for p in model.parameters() if id(p) not in done])
+        for name, p in model.named_parameters():
+            if p.grad is not None:
+                out[f"{method}/{level}/{name}"] = p.grad.detach().contiguous().clone()
+    return out
+
+
+def _worker(rank: int, world: int, port: int, folder: str) -> None:
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        grads = _gradients(slice(2 * rank, 2 * rank + 2))
+        if rank == 0:
+            save_file(grads, str(Path(folder) / "ddp.safetensors"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_of_batch_2_equal_one_process_of_batch_4(tmp_path):
+    want = _gradients(slice(0, 4))
+    ctx = torch.multiprocessing.start_processes(
+        _worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False, start_method="fork"
+    )
+    while not ctx.join(timeout=120):
+        pass
+    got = load_file(str(tmp_path / "ddp.safetensors"))
+    assert got.keys() == want.keys()
+    for method, level in CASES:
+        keys = [k for k in want if k.startswith(f"{method}/{level}/")]
+        assert keys, (method, level)
+        for key in keys:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
+    # the test has teeth: the methods really differ from equal weighting
+    first = next(k for k in want if k.startswith("ew/features/decoder.backbone."))
+    for method in ("mgda", "graddrop"):
+        assert not torch.allclose(want[first.replace("ew/", f"{method}/", 1)], want[first])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    pytest.main([__file__])
