@@ -437,11 +437,14 @@ class CalibrationConfig:
             "params" (over the shared parameters, T backward passes) or "fuller" (features, then the
             gradient magnitudes entering each backbone scale are equalised).
         options: the method's keyword options (e.g. {c: 0.4} for cagrad).
+        sam_rho: set it (e.g. 0.05) for the sharpness-aware multi-task step (task-based flat regions;
+            level must be "params"; about 2T backward passes per step); None: off.
     """
 
     method: str | None = None
     level: Literal["features", "params", "fuller"] = "features"
     options: dict[str, Any] = field(default_factory=dict)
+    sam_rho: float | None = None
 
     def validate(self) -> None:
         from mtvision.optim.aggregators import AGGREGATORS
@@ -451,6 +454,10 @@ class CalibrationConfig:
             hint = closest(self.method, valid)
             extra = f"; did you mean {hint!r}?" if hint else ""
             raise ConfigError(f"optim.calibration.method {self.method!r} is unknown{extra} (valid: {', '.join(valid)})")
+        if self.sam_rho is not None:
+            _check(self.sam_rho > 0, f"optim.calibration.sam_rho must be > 0 or null, got {self.sam_rho}")
+            _check(self.method not in (None, "graddrop"), "optim.calibration.sam_rho needs a Gramian method (e.g. method: ew or mgda)")
+            _check(self.level == "params", f"optim.calibration.sam_rho needs level: params, got {self.level!r}")
 
 
 @dataclass
@@ -626,6 +633,13 @@ class ExperimentConfig:
         self.train.validate()
         self.logging.validate()
         _check(bool(self.output_dir), "output_dir must not be empty")
+        calibration = self.optim.calibration
+        if self.train.compile and (calibration.method and calibration.level in ("features", "fuller") or self.optim.weighting.method == "gradnorm"):
+            raise ConfigError(
+                "train.compile cannot be combined with features/fuller calibration or GradNorm: they read the "
+                "shared representation a compiled graph does not expose; use optim.calibration.level=params "
+                "or train.compile=false"
+            )
         for task in self.optim.loss_weights:
             if task not in self.data.tasks:
                 hint = closest(task, self.data.tasks)

@@ -18,6 +18,7 @@ under `no_sync()` (`manual_sync` is True) and the trainer averages the gradients
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 
 from mtvision.engine import distributed as dist
 from mtvision.optim.calibrator import CalibrationStats, GradientCalibrator
+from mtvision.optim.sam import SharpnessAwareCalibrator
 from mtvision.optim.weighting import LossWeighting, make_weighting
 from mtvision.tasks import Task
 
@@ -61,7 +63,7 @@ class MultiTaskObjective:
     def __init__(
         self,
         weighting: LossWeighting,
-        calibrator: GradientCalibrator | None = None,
+        calibrator: GradientCalibrator | SharpnessAwareCalibrator | None = None,
         loss_weights: Mapping[str, float] | None = None,
         shared: Callable[[], Sequence[Tensor]] | None = None,
     ) -> None:
@@ -74,13 +76,19 @@ class MultiTaskObjective:
         self.last_weights: dict[str, float] = {t: self.loss_weights.get(t, 1.0) for t in weighting.tasks}
         self.last_stats: CalibrationStats | None = None
         self._log_sums: dict[str, float] = {}
-        self._log_count = 0
+        self._log_counts: dict[str, int] = {}
+        self._regularizer_grads: dict[str, tuple[list[nn.Parameter], Tensor]] = {}
 
     # -------------------------------------------------------------------------------- properties
     @property
     def manual_sync(self) -> bool:
         """Whether gradients must be averaged across ranks by `sync_gradients` (DDP forward in no_sync)."""
         return self.calibrator is not None
+
+    @property
+    def needs_recompute(self) -> bool:
+        """Whether `backward` needs `recompute` (the sharpness-aware step's perturbed forwards)."""
+        return getattr(self.calibrator, "needs_recompute", False)
 
     @property
     def needs_losses_after_step(self) -> bool:
@@ -97,28 +105,82 @@ class MultiTaskObjective:
         return {t: (self.loss_weights[t] * v if t in self.loss_weights else v) for t, v in losses.items()}
 
     def backward(
-        self, losses: Mapping[str, Tensor], step: int = 0, scale: float = 1.0, scaler: torch.amp.GradScaler | None = None
+        self,
+        losses: Mapping[str, Tensor],
+        step: int = 0,
+        scale: float = 1.0,
+        scaler: torch.amp.GradScaler | None = None,
+        recompute: Callable[[str], Tensor] | None = None,
+        regularizer: Tensor | None = None,
     ) -> Tensor:
-        """Accumulate the gradient of `scale` x the objective into `.grad`; returns the (detached) scaled total."""
-        prescaled = self.prescale(losses)
+        """Accumulate the gradient of `scale` x the objective into `.grad`; returns the (detached) scaled total.
+
+        recompute(task): that task's raw loss from a fresh forward of the same batch (needed only by
+        the sharpness-aware step, `needs_recompute`).
+        regularizer: a model-level loss that is not a task (the MoE load-balancing loss): added to the
+        total as it is, outside the fixed weights, the loss weighting and the calibrator's Gramian."""
+        prescaled = self._agree_finite(self.prescale(losses))
         shared = list(self.shared()) if (self.weighting.needs_shared_grads and self.shared is not None) else None
         total, weights = self.weighting(prescaled, step, shared=shared)
-        loss_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        # GradScaler's scale (scaling a one also creates the scale on first use, as scale(loss) would)
+        loss_scale = float(scaler.scale(total.detach().new_ones(()))) if scaler is not None and scaler.is_enabled() else 1.0
         if self.calibrator is None:
-            scaled = total * scale
+            scaled = (total if regularizer is None else total + regularizer) * scale
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
             self._record(weights, None)
             return scaled.detach()
+        tasks = self.weighting.tasks
+        # the calibrator needs each loss's coefficient in the model gradient, ∂total/∂L_t: the reported
+        # weight for most methods, w_t / L_t for IGB's log-losses
+        coefficients = torch.autograd.grad(total, [prescaled[t] for t in tasks], retain_graph=True, allow_unused=True)
+        coef = {t: 0.0 if g is None else float(g) for t, g in zip(tasks, coefficients)}
+        if regularizer is not None and regularizer.requires_grad:
+            self._regularizer_backward(regularizer * (scale * loss_scale))
         extra = [p for p in self.weighting.extra_parameters() if p.requires_grad]
         if extra and total.requires_grad:  # the weighting's own parameters: from its total, as without calibration
             torch.autograd.backward(total * (scale * loss_scale), inputs=extra, retain_graph=True)
-        per_task = {t: prescaled[t] * (weights[t] * scale) for t in self.weighting.tasks}
-        stats = self.calibrator.backward(per_task, loss_scale=loss_scale)
+        per_task = {t: prescaled[t] * (coef[t] * scale) for t in tasks}
+        if self.needs_recompute:
+            if recompute is None:
+                raise ValueError("this calibration (sharpness-aware step) needs backward(..., recompute=...)")
+            factors = {t: self.loss_weights.get(t, 1.0) * coef[t] * scale for t in tasks}
+            stats = self.calibrator.backward(per_task, loss_scale=loss_scale, recompute=lambda t: recompute(t) * factors[t])
+        else:
+            stats = self.calibrator.backward(per_task, loss_scale=loss_scale)
         self._record(weights, stats)
-        scaled = (total * scale).detach()
-        if not stats.finite:
-            scaled = scaled * float("nan")  # non-finite gradients: make the trainer skip the step
+        scaled = ((total if regularizer is None else total + regularizer) * scale).detach()
+        if not stats.finite and loss_scale == 1.0:
+            # non-finite gradients: make the trainer skip the step (with a GradScaler, the inf/NaN
+            # gradients make the scaler skip it and lower its scale, as for uncalibrated steps)
+            scaled = scaled * float("nan")
         return scaled
+
+    def _agree_finite(self, prescaled: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Under DDP, one rank's non-finite loss makes every rank's losses non-finite, so that every
+        weighting skips its state update (RLW's draw, DWA's sums) on every rank alike."""
+        if dist.world_size() < 2:
+            return prescaled
+        device = next(iter(prescaled.values())).device
+        bad = torch.tensor([0.0 if all(bool(torch.isfinite(v.detach()).all()) for v in prescaled.values()) else 1.0], device=device)
+        dist.all_reduce_sum_(bad)
+        return {t: v * float("nan") for t, v in prescaled.items()} if float(bad) > 0 else prescaled
+
+    def _regularizer_backward(self, regularizer: Tensor) -> None:
+        """The regularizer's plain gradient: into `.grad` at once in one process; under DDP kept
+        apart and averaged in `sync_gradients` (the calibrator's synced parameters skip averaging)."""
+        params = [p for p in self.calibrator.model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(regularizer, params, retain_graph=True, allow_unused=True)
+        if dist.world_size() < 2:
+            _accumulate_grads(params, grads)
+            return
+        # every rank holds every parameter (zeros where unused), so the all-reduce lines up
+        flat = torch.cat([(torch.zeros_like(p) if g is None else g.detach()).reshape(-1) for p, g in zip(params, grads)])
+        held = self._regularizer_grads.get("flat")
+        self._regularizer_grads["flat"] = (params, flat if held is None else held[1] + flat)
+
+    def zero_grad(self) -> None:
+        """Forget regularizer gradients held for averaging (call with `optimizer.zero_grad()`)."""
+        self._regularizer_grads.clear()
 
     def sync_gradients(self, model: nn.Module) -> None:
         """Average across ranks the gradients that are not averaged yet (call after the last micro-batch)."""
@@ -128,6 +190,14 @@ class MultiTaskObjective:
         params = [p for p in model.parameters() if p.requires_grad and id(p) not in done] if self.manual_sync else []
         params += [p for p in self.weighting.extra_parameters() if p.requires_grad]
         average_gradients(params)
+        if self._regularizer_grads:
+            held_params, flat = self._regularizer_grads.pop("flat")
+            dist.all_reduce_mean_(flat)
+            parts, offset = [], 0
+            for p in held_params:
+                parts.append(flat[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+            _accumulate_grads(held_params, parts)
 
     def after_step(self, losses_after: Mapping[str, Tensor] | None) -> None:
         """After the optimizer step (None: it was skipped); `losses_after` are raw, un-prescaled losses."""
@@ -159,13 +229,28 @@ class MultiTaskObjective:
         if stats is not None and stats.finite:
             values.update({f"calibration/{k}": v for k, v in stats.scalars().items()})
         for k, v in values.items():
-            self._log_sums[k] = self._log_sums.get(k, 0.0) + v
-        self._log_count += 1
+            if math.isfinite(v):  # a singular Gramian's condition number is inf: left out of the mean
+                self._log_sums[k] = self._log_sums.get(k, 0.0) + v
+                self._log_counts[k] = self._log_counts.get(k, 0) + 1
+
+    def progress_postfix(self) -> dict[str, str | float]:
+        """Short console values: the task weights ("w 1.00/0.52/...", in task order) and the most
+        conflicting pair's gradient cosine; nothing for plain equal weighting."""
+        if self.calibrator is None and self.weighting.name == "ew":
+            return {}
+        stats = self.last_stats if self.last_stats is not None and self.last_stats.finite else None
+        weights = stats.weights if stats is not None else self.last_weights
+        out: dict[str, str | float] = {"w": "/".join(f"{weights[t]:.2f}" for t in self.weighting.tasks)}
+        if stats is not None and len(weights) > 1:
+            c = stats.cosines.clone()
+            c.fill_diagonal_(float("inf"))
+            out["cos_min"] = float(c.min())
+        return out
 
     def consume_log(self) -> dict[str, float]:
         """Averages of the task weights and conflict statistics since the last call (for loggers)."""
-        out = {k: v / self._log_count for k, v in self._log_sums.items()} if self._log_count else {}
-        self._log_sums, self._log_count = {}, 0
+        out = {k: v / self._log_counts[k] for k, v in self._log_sums.items()}
+        self._log_sums, self._log_counts = {}, {}
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -178,6 +263,12 @@ class MultiTaskObjective:
         self.weighting.load_state_dict(state["weighting"])
         if self.calibrator is not None and state.get("calibrator") is not None:
             self.calibrator.load_state_dict(state["calibrator"])
+
+
+def _accumulate_grads(params: Sequence[nn.Parameter], grads: Sequence[Tensor | None]) -> None:
+    for p, g in zip(params, grads):
+        if g is not None:
+            p.grad = g.detach().clone() if p.grad is None else p.grad + g.detach()
 
 
 def average_gradients(params: Sequence[nn.Parameter]) -> None:
@@ -202,6 +293,24 @@ def average_gradients(params: Sequence[nn.Parameter]) -> None:
         offset += p.numel()
 
 
+def check_objective(
+    tasks: Sequence[str],
+    weighting: str = "ew",
+    weighting_options: Mapping[str, Any] | None = None,
+    calibration: str | None = None,
+    level: str = "features",
+    calibration_options: Mapping[str, Any] | None = None,
+    sam_rho: float | None = None,
+) -> None:
+    """Raise the error `build_objective` would raise for these methods and options, without a model
+    (the trainer calls it before the run folder is touched)."""
+    from mtvision.optim.calibrator import make_calibration_method
+
+    make_weighting(weighting, list(tasks), **dict(weighting_options or {}))
+    if calibration:
+        make_calibration_method(calibration, level, sam_rho, **dict(calibration_options or {}))
+
+
 def build_objective(
     model: nn.Module,
     tasks: Sequence[str],
@@ -211,12 +320,15 @@ def build_objective(
     level: str = "features",
     calibration_options: Mapping[str, Any] | None = None,
     loss_weights: Mapping[str, float] | None = None,
+    sam_rho: float | None = None,
 ) -> MultiTaskObjective:
     """The objective a config describes, for the (unwrapped) multi-task `model`."""
     from mtvision.optim.calibrator import make_calibrator
 
     method = make_weighting(weighting, list(tasks), **dict(weighting_options or {}))
-    calibrator = make_calibrator(model, calibration, level, **dict(calibration_options or {})) if calibration else None
+    calibrator = (
+        make_calibrator(model, calibration, level, sam_rho=sam_rho, **dict(calibration_options or {})) if calibration else None
+    )
 
     def shared() -> list[Tensor]:
         reps = [r for r in model.shared_representation() if r.requires_grad]

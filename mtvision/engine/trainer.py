@@ -29,7 +29,7 @@ from mtvision.engine.checkpoint import CheckpointManager, capture_rng_state, loa
 from mtvision.engine.data import RunData, build_run_data
 from mtvision.engine.evaluator import autocast_context, evaluate, predict_panels
 from mtvision.engine.loggers import PredictionPanel, build_loggers, colour_pair, format_metrics_table
-from mtvision.engine.objective import MultiTaskObjective, build_objective, compute_losses
+from mtvision.engine.objective import MultiTaskObjective, build_objective, check_objective, compute_losses
 from mtvision.engine.progress import Progress
 from mtvision.engine.schedule import WarmupSchedule, build_scheduler
 from mtvision.engine.selection import Selector
@@ -135,6 +135,7 @@ def make_objective(core: nn.Module, cfg: ExperimentConfig, device: torch.device)
         level=o.calibration.level,
         calibration_options=o.calibration.options,
         loss_weights=o.loss_weights,
+        sam_rho=o.calibration.sam_rho,
     )
     objective.weighting.to(device)
     return objective
@@ -223,6 +224,9 @@ def _train(
     data: RunData = build_run_data(cfg.data, tc.batch_size, mean, std, info.rank, info.world_size)
     model_cfg = model_config_for(cfg, data.num_classes)
     model = create_model(model_cfg).to(dev)
+    o = cfg.optim
+    check_objective(cfg.data.tasks, o.weighting.method, o.weighting.options, o.calibration.method,
+                    o.calibration.level, o.calibration.options, o.calibration.sam_rho)
 
     out = prepare_output_dir(cfg.output_dir, resume, overwrite, info.is_main)
     ckpts = CheckpointManager(out, keep_last=tc.keep_last)
@@ -350,6 +354,7 @@ def _train(
     closing.callback(progress.close)
     progress.update(step)
     window: dict[str, float] = {}
+    window_aux = 0.0
     window_n, window_images, window_start = 0, 0, time.perf_counter()
     interrupted = False
     seen_epoch = epoch
@@ -358,12 +363,14 @@ def _train(
         while step < steps:
             optimizer.zero_grad(set_to_none=True)
             step_losses: dict[str, float] = {}
+            step_aux = 0.0
             finite = True
+            objective.zero_grad()
             kept: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []  # for FAMO's second forward
             for micro in range(tc.grad_accum):
                 epoch, batch = next(batches)
-                if epoch != seen_epoch:  # an epoch ended (DWA and IGB update their weights here)
-                    objective.end_epoch()
+                if epoch != seen_epoch and micro == 0:  # an epoch ended (DWA and IGB update their weights)
+                    objective.end_epoch()  # (mid-step, it waits for the step's end: one step, one set of weights)
                     seen_epoch = epoch
                 images = batch["image"].to(dev, non_blocking=True)
                 if tc.channels_last:
@@ -373,9 +380,14 @@ def _train(
                 with (nullcontext() if sync or not info.is_distributed else model.no_sync()), autocast_context(dev, tc.amp):
                     outputs = model(images)
                 losses = compute_losses(outputs, targets, tasks)
+                recompute = _recompute_fn(core, images, targets, tasks, dev, tc.amp) if objective.needs_recompute else None
+                regularizer = outputs.get("moe_aux_loss")  # MoE load balancing: not a task (docs/optimisers)
                 total = objective.backward(
-                    losses, step=step, scale=1.0 / tc.grad_accum, scaler=scaler if tc.amp == "fp16" else None
+                    losses, step=step, scale=1.0 / tc.grad_accum, scaler=scaler if tc.amp == "fp16" else None,
+                    recompute=recompute, regularizer=regularizer,
                 )
+                if regularizer is not None:
+                    step_aux += float(regularizer.detach()) / tc.grad_accum
                 finite &= bool(torch.isfinite(total))
                 for t, v in losses.items():
                     step_losses[t] = step_losses.get(t, 0.0) + float(v.detach()) / tc.grad_accum
@@ -392,8 +404,10 @@ def _train(
                 if o.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(core.parameters(), o.grad_clip)
                 if tc.amp == "fp16":
+                    scale_before = scaler.get_scale()
                     scaler.step(optimizer)
                     scaler.update()
+                    stepped = scaler.get_scale() >= scale_before  # a lowered scale: GradScaler skipped it
                 else:
                     optimizer.step()
             else:
@@ -408,22 +422,30 @@ def _train(
                         "Lower optim.lr, enable optim.grad_clip, or check the data."
                     )
             objective.after_step(_losses_after(core, kept, tasks, dev, tc.amp) if stepped and kept else None)
+            if epoch != seen_epoch:
+                objective.end_epoch()
+                seen_epoch = epoch
             scheduler.step()
             step += 1
             for t, v in step_losses.items():
                 window[t] = window.get(t, 0.0) + v
+            if regularizer is not None:
+                window_aux += step_aux
             window_n += 1
             loss_sum = sum(step_losses.values())
             lr = optimizer.param_groups[0]["lr"]
-            progress.update(1, loss=loss_sum, lr=lr)
+            progress.update(1, loss=loss_sum, lr=lr, **objective.progress_postfix())
             if step % cfg.logging.log_interval == 0 or step == steps:
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
                 scalars = {f"train/loss/{t}": v / window_n for t, v in window.items()}
+                if window_aux:
+                    scalars["train/moe_aux_loss"] = window_aux / window_n
                 scalars.update({"train/loss": sum(window.values()) / window_n, "train/lr": lr, "train/images_per_s": window_images / elapsed,
                                 "train/epoch": epoch, "train/skipped_steps": skipped})
                 scalars.update({f"train/{k}": v for k, v in objective.consume_log().items()})
+                scalars.update(expert_usage_scalars(core))
                 loggers.log_scalars(scalars, step)
-                window, window_n, window_images, window_start = {}, 0, 0, time.perf_counter()
+                window, window_n, window_images, window_start, window_aux = {}, 0, 0, time.perf_counter(), 0.0
             if on_step is not None:
                 on_step(step)
             if step % tc.eval_interval == 0 or step == steps:
@@ -441,6 +463,47 @@ def _train(
         result.test_metrics, result.pretrained_dir = _finish(core, ckpts, data, tasks, dev, tc.amp, out, info, loggers, step)
         result.best_step = selector.best_step
     return result
+
+
+def expert_usage_scalars(core: nn.Module) -> dict[str, float]:
+    """Expert balance since the last call, for mixture-of-experts decoders (then their counters reset):
+    per layer and task, each expert's share of the load as `train/experts/<layer>/<task>/e<i>`, the
+    smallest share (`.../min_share`, 0 = a dead expert) and cv² of the load."""
+    decoder = getattr(core, "decoder", core)
+    if not hasattr(decoder, "expert_usage"):
+        return {}
+    out: dict[str, float] = {}
+
+    def walk(prefix: str, node) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}/{key}", value)
+            return
+        load = node.detach().double().reshape(-1).cpu()
+        total = float(load.sum())
+        if total <= 0:
+            return
+        share = load / total
+        for i, v in enumerate(share.tolist()):
+            out[f"train/experts{prefix}/e{i}"] = v
+        out[f"train/experts{prefix}/min_share"] = float(share.min())
+        out[f"train/experts{prefix}/cv2"] = float(load.var(unbiased=False) / load.mean() ** 2)
+
+    walk("", decoder.expert_usage())
+    if hasattr(decoder, "reset_expert_usage"):
+        decoder.reset_expert_usage()
+    return out
+
+
+def _recompute_fn(core: nn.Module, images, targets, tasks, dev: torch.device, amp: str):
+    """recompute(task): `task`'s loss from a fresh forward of this batch that runs only its path."""
+
+    def recompute(task: str) -> torch.Tensor:
+        with autocast_context(dev, amp):
+            outputs = core(images, tasks=[task])
+        return compute_losses(outputs, targets, {task: tasks[task]})[task]
+
+    return recompute
 
 
 @torch.no_grad()

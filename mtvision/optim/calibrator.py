@@ -7,7 +7,9 @@ what `optimizer.step()` needs (DESIGN.md, Calibrator contract):
   shared representation (`model.shared_representation()`, the tensors every task's loss flows
   through).  T cheap backward passes through the task heads give the g_t, K = G Gᵀ, the
   aggregator turns K into weights w, and one backward pass of Σ_t w_t g_t through the shared part
-  fills the shared parameters' gradients: about one backward pass in all.
+  fills the shared parameters' gradients: about one backward pass in all.  Shared parameters that
+  lie after the representation (cross-task attention or distillation modules feeding several
+  heads) get Σ_t w_t ∂L_t/∂θ with the same weights.
 - level "params": the g_t are taken over the shared parameters themselves (T backward passes
   through the whole network); the shared parameters get Σ_t w_t g_t.
 - level "fuller" (FULLER's multi-level calibration, Huang et al. ICCV 2023, adapted to dense
@@ -200,16 +202,23 @@ class GradientCalibrator:
         reps = [r for r in self.model.shared_representation() if r.requires_grad]
         if not reps:
             raise CalibrationError(
-                "the model exposes no shared representation (e.g. cross-stitch): use level='params'"
+                "the model exposes no shared representation that requires grad (cross-stitch and TaskPrompter "
+                "have none, nor has a frozen backbone): use level='params'"
             )
-        per_task = []
+        # shared parameters downstream of the representation (cross-task attention, distillation):
+        # they get Σ_t w_t ∂L_t/∂θ with the weights calibrated at the representation
+        below = upstream_parameters(reps)
+        after = [p for p in self.model.shared_parameters() if p.requires_grad and id(p) not in below]
+        per_task, per_task_after = [], []
+        n = len(reps)
         for t in names:
-            grads = torch.autograd.grad(losses[t], reps + heads[t], retain_graph=True, allow_unused=True)
-            rep_grads, head_grads = grads[: len(reps)], grads[len(reps) :]
+            grads = torch.autograd.grad(losses[t], reps + after + heads[t], retain_graph=True, allow_unused=True)
+            rep_grads = grads[:n]
             if all(g is None for g in rep_grads):
                 raise CalibrationError(f"task {t!r} has no gradient path to the shared representation")
             per_task.append([torch.zeros_like(r) if g is None else g for r, g in zip(reps, rep_grads)])
-            _accumulate(heads[t], head_grads)
+            per_task_after.append(grads[n : n + len(after)])
+            _accumulate(heads[t], grads[n + len(after) :])
         world = tdist.get_world_size() if _distributed() else 1
         flat = torch.stack([torch.cat([g.reshape(-1) for g in gs]).double() for gs in per_task]) / loss_scale
         gramian = flat @ flat.T
@@ -223,6 +232,10 @@ class GradientCalibrator:
         else:
             weights = self._weights(gramian, finite)
             combined = [sum(float(w) * gs[i] for w, gs in zip(weights, per_task)) for i in range(len(reps))]
+        for i, p in enumerate(after):
+            parts = [float(w) * gs[i] for w, gs in zip(weights, per_task_after) if gs[i] is not None]
+            if parts:
+                _accumulate([p], [sum(parts)])
         if self.level == "fuller":
             self._fuller(reps, combined, world)
         else:
@@ -313,23 +326,40 @@ def _stats(names: list[str], weights: Tensor, gramian: Tensor, finite: bool) -> 
     return CalibrationStats({n: float(w) for n, w in zip(names, weights)}, g, cosines, finite)
 
 
-def make_calibrator(
-    model: nn.Module, method: str, level: str = "features", **options
-) -> GradientCalibrator:
-    """The calibrator for aggregator `method` (a key of AGGREGATORS, or "graddrop") at `level`."""
+def make_calibration_method(
+    method: str, level: str = "features", sam_rho: float | None = None, **options
+) -> Aggregator | GradDrop:
+    """The aggregator `method` (a key of AGGREGATORS) or GradDrop, with its options checked, and the
+    level / sharpness-aware combination checked too (no model needed: configs are checked early)."""
     from mtvision.optim.aggregators import AGGREGATORS, make_aggregator
 
+    if level not in LEVELS:
+        raise CalibrationError(f"unknown calibration level {level!r} (valid: {', '.join(LEVELS)})")
+    if sam_rho is not None and level != "params":
+        raise CalibrationError(f"the sharpness-aware step works at the params level, got level {level!r}")
     if method == "graddrop":
-        valid = list(inspect.signature(GradDrop).parameters)
-        for key in options:
-            if key not in valid:
-                raise unknown_name("option of calibration method 'graddrop'", key, valid)
-        return GradientCalibrator(model, GradDrop(**options), level)
-    if method not in AGGREGATORS:
+        if sam_rho is not None:
+            raise CalibrationError("the sharpness-aware step needs a Gramian aggregator, not graddrop")
+        cls = GradDrop
+    elif method in AGGREGATORS:
+        cls = AGGREGATORS[method]
+    else:
         raise unknown_name("calibration method", method, [*AGGREGATORS, "graddrop"])
-    valid = list(inspect.signature(AGGREGATORS[method]).parameters)
+    valid = list(inspect.signature(cls).parameters)
     for key in options:
         if key not in valid:
             raise unknown_name(f"option of calibration method {method!r}", key, valid)
-    return GradientCalibrator(model, make_aggregator(method, **options), level)
+    return GradDrop(**options) if cls is GradDrop else make_aggregator(method, **options)
 
+
+def make_calibrator(
+    model: nn.Module, method: str, level: str = "features", sam_rho: float | None = None, **options
+):
+    """The calibrator for aggregator `method` (a key of AGGREGATORS, or "graddrop") at `level`;
+    with `sam_rho`, the sharpness-aware multi-task step (`mtvision.optim.sam`, params level) instead."""
+    aggregator = make_calibration_method(method, level, sam_rho, **options)
+    if sam_rho is not None:
+        from mtvision.optim.sam import SharpnessAwareCalibrator
+
+        return SharpnessAwareCalibrator(model, aggregator, sam_rho)
+    return GradientCalibrator(model, aggregator, level)

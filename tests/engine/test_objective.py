@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mtvision.engine.objective import MultiTaskObjective, compute_losses
+from mtvision.engine.objective import MultiTaskObjective, build_objective, compute_losses
 from mtvision.optim.weighting import make_weighting
 from mtvision.tasks import resolve_tasks
 
@@ -43,3 +43,33 @@ def test_uncertainty_weighting_gradients_on_the_model_and_on_its_log_variances()
     ea, eb = 0.5, 0.5 * torch.exp(torch.tensor(-1.0)).item()
     assert w.grad.tolist() == pytest.approx([ea * 2 * 1.0, eb * 2 * 2 * 2.0])
     assert weighting.log_vars.grad.tolist() == pytest.approx([0.5 - ea * la.item(), 0.5 - eb * lb.item()])
+
+
+@pytest.mark.parametrize("weighting", ["ew", "uw", "dwa", "gradnorm", "rlw", "gls", "famo", "igb"])
+@pytest.mark.parametrize("level", ["features", "params"])
+def test_equal_weighting_calibration_hands_the_model_the_weightings_own_gradient(weighting, level):
+    """EW calibration must give the model exactly ∂total/∂θ of the weighting alone: the coefficient
+    of L_t is ∂total/∂L_t (w_t for most methods, w_t / L_t for IGB's log-losses), not the logged w_t."""
+    from mtvision.models.registry import create_model
+
+    torch.manual_seed(0)
+    model = create_model(backbone="test_resnet", decoder="hps", tasks={"semseg": 3, "depth": None, "normals": None},
+                         decoder_options={"neck_channels": 8, "head_channels": 8})
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(2, 3, 32, 32, generator=g)
+    targets = {"semseg": torch.randint(0, 3, (2, 32, 32), generator=g), "depth": torch.rand(2, 1, 32, 32, generator=g) + 1,
+               "normals": torch.nn.functional.normalize(torch.randn(2, 3, 32, 32, generator=g), dim=1)}
+    grads = []
+    for calibration in (None, "ew"):
+        objective = build_objective(model, list(targets), weighting=weighting, calibration=calibration, level=level,
+                                    loss_weights={"depth": 3.0})
+        for step in range(2):  # the second call sees the state the first one left (GradNorm's L(0), RLW's draw)
+            model.zero_grad(set_to_none=True)
+            out = model(images)
+            objective.backward({t: model.tasks[t].loss(out[t], targets[t]) for t in targets}, step=step)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    want, got = grads
+    assert got.keys() == want.keys()
+    scale = max(float(v.abs().max()) for v in want.values())
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6 * scale)

@@ -15,6 +15,7 @@ import torch
 from mtvision.config import ConfigError
 from mtvision.engine.checkpoint import load_checkpoint
 from mtvision.engine.trainer import train
+from mtvision.errors import UnknownNameError
 from tests.engine.test_trainer import GROUP_NORM, NO_PADDING, _free_port, final_weights, tiny_config
 
 # 16 samples / batch 4 = 4 steps per epoch: 6 steps cross an epoch end (IGB updates there); DWA
@@ -37,7 +38,7 @@ def _records(out: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize(("weighting", "method", "level", "train_options"), PAIRS)
-def test_every_weighting_with_a_calibration_trains_and_logs(tmp_path, weighting, method, level, train_options):
+def test_every_weighting_with_a_calibration_trains_and_logs(tmp_path, capsys, weighting, method, level, train_options):
     out = tmp_path / "run"
     train_options = dict(train_options)
     cfg = tiny_config(
@@ -62,6 +63,8 @@ def test_every_weighting_with_a_calibration_trains_and_logs(tmp_path, weighting,
         assert len({tuple(round(r[f"train/loss_weight/{t}"], 9) for t in tasks) for r in rows}) > 1
     state = load_checkpoint(sorted((out / "checkpoints").iterdir())[-1])
     assert state["weighting"] is not None
+    console = capsys.readouterr().err
+    assert " | w " in console and " | cos_min " in console  # the weights and the worst conflict, per step
     assert all(torch.isfinite(v).all() for v in final_weights(out).values() if v.is_floating_point())
 
 
@@ -99,7 +102,31 @@ def test_unknown_methods_fail_before_any_work_with_a_suggestion(tmp_path):
         tiny_config(tmp_path / "b", optim={"calibration": {"method": "pcgard"}}).validate()
     with pytest.raises(ConfigError, match="not one of"):
         tiny_config(tmp_path / "c", optim={"calibration": {"method": "mgda", "level": "layer"}})
-    assert not (tmp_path / "a").exists()
+    with pytest.raises(ConfigError, match="train.compile cannot be combined"):
+        tiny_config(tmp_path / "d", optim={"calibration": {"method": "mgda"}}, train={"compile": True}).validate()
+    # option names are checked by the methods themselves, still before the run folder exists
+    with pytest.raises(UnknownNameError, match="did you mean 'temperature'"):
+        train(tiny_config(tmp_path / "e", optim={"weighting": {"method": "dwa", "options": {"temprature": 2}}}), device="cpu")
+    with pytest.raises(UnknownNameError, match="did you mean 'c'"):
+        train(tiny_config(tmp_path / "f", optim={"calibration": {"method": "cagrad", "options": {"cc": 0.5}}}), device="cpu")
+    assert not (tmp_path / "e").exists() and not (tmp_path / "f").exists()
+
+
+def test_fp16_overflow_with_calibration_lowers_the_scale_instead_of_stopping(tmp_path, monkeypatch):
+    real = torch.amp.GradScaler.__init__
+
+    def huge_scale(self, *args, **kwargs):
+        kwargs["init_scale"] = 2.0**40
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.amp.GradScaler, "__init__", huge_scale)
+    cfg = tiny_config(tmp_path / "run", optim={"calibration": {"method": "mgda"}},
+                      train={"amp": "fp16", "iterations": 12, "eval_interval": 12, "max_nonfinite_steps": 3})
+    result = train(cfg, device="cpu")
+    assert result.step == 12 and result.skipped_steps == 0  # overflowing steps are GradScaler's to skip
+    scale = load_checkpoint(sorted((tmp_path / "run" / "checkpoints").iterdir())[-1])["scaler"]["scale"]
+    assert float(scale) < 2.0**40
+    assert all(torch.isfinite(v).all() for v in final_weights(tmp_path / "run").values() if v.is_floating_point())
 
 
 def _ddp_worker(rank: int, world: int, port: int, out: str, optim: dict) -> None:
@@ -130,3 +157,48 @@ def test_ddp_with_uncertainty_weighting_and_mgda_matches_one_process(tmp_path, l
     w_single = load_checkpoint(sorted((tmp_path / "single" / "checkpoints").iterdir())[-1])["weighting"]["log_vars"]
     w_ddp = load_checkpoint(sorted((tmp_path / "ddp" / "checkpoints").iterdir())[-1])["weighting"]["log_vars"]
     torch.testing.assert_close(w_ddp, w_single, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("calibration", [None, "mgda"])
+def test_moe_balancing_loss_is_trained_outside_the_task_losses_and_expert_usage_is_logged(tmp_path, calibration):
+    out = tmp_path / "run"
+    model = {"backbone": {"name": "test_vit", "kwargs": {"img_size": [32, 40], "dynamic_img_size": True}},
+             "decoder": "m3vit", "decoder_options": {"num_experts": 4, "top_k": 2, "neck_channels": 16, "head_channels": 8}}
+    cfg = tiny_config(out, model=model, optim={"weighting": {"method": "uw"}, "calibration": {"method": calibration}},
+                      train={"iterations": 2, "eval_interval": 2}, logging={"log_interval": 1})
+    train(cfg, device="cpu")
+    rows = [r for r in _records(out) if "train/loss" in r]
+    assert len(rows) == 2
+    for row in rows:
+        assert row["train/moe_aux_loss"] > 0 and "train/loss/moe_aux" not in row
+        assert "train/loss_weight/moe_aux" not in row  # not a task: the weighting never sees it
+        share = [row[f"train/experts/blocks.1/depth/e{i}"] for i in range(4)]
+        assert sum(share) == pytest.approx(1.0) and row["train/experts/blocks.1/depth/min_share"] == pytest.approx(min(share))
+
+
+def test_the_regularizer_adds_its_plain_gradient_with_and_without_calibration():
+    from mtvision.engine.objective import build_objective
+    from mtvision.models.registry import create_model
+
+    torch.manual_seed(0)
+    model = create_model(backbone="test_resnet", decoder="hps", tasks={"semseg": 3, "depth": None},
+                         decoder_options={"neck_channels": 8, "head_channels": 8})
+    images = torch.randn(2, 3, 32, 32)
+    targets = {"semseg": torch.randint(0, 3, (2, 32, 32)), "depth": torch.rand(2, 1, 32, 32) + 1}
+    results = []
+    for calibration in (None, "ew"):
+        model.zero_grad(set_to_none=True)
+        out = model(images)
+        losses = {t: model.tasks[t].loss(out[t], targets[t]) for t in targets}
+        reg = 0.1 * sum(p.pow(2).sum() for p in model.decoder.backbone.parameters())
+        build_objective(model, list(targets), calibration=calibration).backward(losses, regularizer=reg)
+        results.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    model.zero_grad(set_to_none=True)
+    out = model(images)
+    (sum(model.tasks[t].loss(out[t], targets[t]) for t in targets)
+     + 0.1 * sum(p.pow(2).sum() for p in model.decoder.backbone.parameters())).backward()
+    want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    for got in results:
+        assert got.keys() == want.keys()
+        for n in want:
+            torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6)

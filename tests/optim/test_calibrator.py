@@ -45,15 +45,17 @@ def summed_loss_grads(model, images, targets):
 
 
 @pytest.mark.parametrize("level", ["features", "params"])
-def test_equal_weights_reproduce_the_summed_loss_gradient(level):
-    model, images, targets = tiny()
+@pytest.mark.parametrize("decoder", ["hps", "padnet"])  # padnet: shared distillation weights after the representation
+def test_equal_weights_reproduce_the_summed_loss_gradient(level, decoder):
+    model, images, targets = tiny(decoder)
     want = summed_loss_grads(model, images, targets)
     model.zero_grad(set_to_none=True)
     stats = GradientCalibrator(model, make_aggregator("ew"), level).backward(losses_of(model, images, targets))
     got = grads(model)
     assert got.keys() == want.keys()
+    scale = max(float(g.abs().max()) for g in want.values())  # float32 re-association of the task sum
     for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6 * scale)
     assert stats.weights == {"semseg": 1.0, "depth": 1.0, "normals": 1.0}
 
 

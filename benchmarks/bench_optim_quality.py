@@ -1,0 +1,147 @@
+"""Δm% of loss-weighting and gradient-calibration methods (or of decoders) on the synthetic scenes.
+
+    python benchmarks/bench_optim_quality.py [--seeds 0 1 2] [--jobs 2] [--out runs/optim_quality]
+    python benchmarks/bench_optim_quality.py --suite decoders --seeds 0
+
+Every run is `mtv-train` on the main job's config (`configs/synthetic/hps_resnet18_128x160.yaml`,
+ResNet-18 HPS, semseg/depth/normals/edge) shortened by `--overrides` to a fixed, smaller budget; the
+single-task references are HPS runs with one task on the same budget and seeds.  Δm% uses each
+task's primary metric (mIoU, depth RMSE, normals mean angle, edge odsF) on the test split, against
+the mean over seeds of the single-task runs; positive is better (DESIGN.md's sign).  Runs that
+already finished are reused, so the script can be stopped and started again.  Prints a markdown
+table: mean ± sample standard deviation over the seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from mtvision.metrics.delta import delta_m
+from mtvision.tasks import get_task
+
+CONFIG = "configs/synthetic/hps_resnet18_128x160.yaml"
+TASKS = ["semseg", "depth", "normals", "edge"]
+BUDGET = [  # 2/5 of the main job's steps at 96x128 (about 1/4 of its compute); one validation, at the end
+    "data.height=96", "data.width=128", "data.num_samples={train: 1600, val: 32, test: 100}",
+    "data.num_workers=0", "train.iterations=200", "train.eval_interval=200", "optim.warmup_iters=20",
+    "logging.console=plain", "logging.log_interval=100", "logging.num_val_images=0",
+]
+METHODS = {  # name -> overrides
+    "EW": [],
+    "UW": ["optim.weighting.method=uw"],
+    "DWA": ["optim.weighting.method=dwa"],
+    "GradNorm": ["optim.weighting.method=gradnorm"],
+    "FAMO": ["optim.weighting.method=famo"],
+    "MGDA": ["optim.calibration.method=mgda"],
+    "PCGrad": ["optim.calibration.method=pcgrad"],
+    "CAGrad": ["optim.calibration.method=cagrad"],
+    "IMTL-G": ["optim.calibration.method=imtl_g"],
+    "Nash-MTL": ["optim.calibration.method=nash_mtl"],
+    "Aligned-MTL": ["optim.calibration.method=aligned_mtl"],
+}
+
+DECODERS = {  # name -> overrides (same budget, EW, no calibration)
+    "HPS": [],
+    "cross-stitch": ["model.decoder=cross_stitch"],
+    "PAD-Net": ["model.decoder=padnet"],
+    "InvPT (128 ch)": ["model.decoder=invpt", "model.decoder_options={task_channels: 128, prediction_channels: 32}"],
+    "MMoE": ["model.decoder=mmoe", "model.decoder_options={num_experts: 8, expert_channels: 64}"],
+    "TaskExpert": ["model.decoder=taskexpert"],
+    "M3ViT (ViT-Tiny)": [
+        "model.backbone={name: vit_tiny_patch16_224, kwargs: {img_size: [96, 128], dynamic_img_size: true}}",
+        "model.decoder=m3vit",
+    ],
+}
+
+
+def test_metrics(run: Path) -> dict[str, dict[str, float]] | None:
+    """The test-split metrics a finished run logged (None when it has not finished)."""
+    log = run / "metrics.jsonl"
+    if not (run / "model" / "model.safetensors").is_file() or not log.is_file():
+        return None
+    out: dict[str, dict[str, float]] = {}
+    for line in log.read_text().splitlines():
+        for key, value in json.loads(line).items():
+            if key.startswith("test/"):
+                _, task, metric = key.split("/", 2)
+                out.setdefault(task, {})[metric] = value
+    return out or None
+
+
+def run(name: str, overrides: list[str], out: Path) -> dict[str, dict[str, float]]:
+    done = test_metrics(out)
+    if done is not None:
+        return done
+    cmd = [sys.executable, "-m", "mtvision.cli.train", CONFIG, *BUDGET, *overrides, f"output_dir={out}", "--overwrite"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    t0 = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f"{out.name}.log", "w") as log:
+        proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed (exit {proc.returncode}); see {out.parent / f'{out.name}.log'}")
+    print(f"  {name}: {time.time() - t0:.0f} s", flush=True)
+    metrics = test_metrics(out)
+    if metrics is None:
+        raise RuntimeError(f"{name} wrote no test metrics")
+    return metrics
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--out", default="runs/optim_quality")
+    parser.add_argument("--suite", choices=["optim", "decoders"], default="optim")
+    parser.add_argument("--methods", nargs="+", default=None, help="names from the suite (default: all)")
+    args = parser.parse_args()
+    suite = METHODS if args.suite == "optim" else DECODERS
+    args.methods = args.methods or list(suite)
+    root = Path(args.out)
+    jobs: dict[tuple[str, int], tuple[list[str], Path]] = {}
+    for seed in args.seeds:
+        for task in TASKS:
+            weights = "{edge: 50.0}" if task == "edge" else "{}"
+            jobs[(f"single-{task}", seed)] = (
+                [f"data.tasks=[{task}]", f"optim.loss_weights={weights}", f"train.seed={seed}"], root / f"single-{task}-s{seed}"
+            )
+        for method in args.methods:
+            folder = method if args.suite == "optim" else "decoder-" + method.split(" ")[0]
+            folder = "EW" if method == "HPS" else folder  # the same run as the optimiser suite's EW
+            jobs[(method, seed)] = ([*suite[method], f"train.seed={seed}"], root / f"{folder}-s{seed}")
+    print(f"{len(jobs)} runs, {args.jobs} at a time, in {root}", flush=True)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futures = {key: pool.submit(run, f"{key[0]} seed {key[1]}", ov, out) for key, (ov, out) in jobs.items()}
+        results, failed = {}, []
+        for key, f in futures.items():
+            try:
+                results[key] = f.result()
+            except RuntimeError as exc:
+                failed.append(str(exc))
+    if failed:
+        sys.exit("some runs failed (run the script again to retry them):\n" + "\n".join(failed))
+
+    primary = {t: get_task(t).primary_metric for t in TASKS}
+    higher = {t: get_task(t).new_meter().higher_is_better for t in TASKS}
+    refs = {t: {primary[t]: statistics.mean(results[(f"single-{t}", s)][t][primary[t]] for s in args.seeds)} for t in TASKS}
+    print("\nsingle-task references (mean over seeds): " + ", ".join(f"{t} {primary[t]} {refs[t][primary[t]]:.4g}" for t in TASKS))
+    header = f"| {'method' if args.suite == 'optim' else 'decoder'} | Δm% (mean ± sd) | " + " | ".join(f"{t} {primary[t]}" for t in TASKS) + " |"
+    print("\n" + header + "\n|" + "---|" * (len(TASKS) + 2))
+    for method in args.methods:
+        per_seed = [results[(method, s)] for s in args.seeds]
+        deltas = [delta_m({t: m[t] for t in TASKS}, refs, primary, higher) for m in per_seed]
+        sd = statistics.stdev(deltas) if len(deltas) > 1 else 0.0
+        cells = [f"{statistics.mean(m[t][primary[t]] for m in per_seed):.4g}" for t in TASKS]
+        print(f"| {method} | {statistics.mean(deltas):+.2f} ± {sd:.2f} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Sharpness-aware multi-task step: task-based flat regions (Phan et al., "Improving Multi-task
+Learning via Seeking Task-based Flat Regions", arXiv 2211.13723).
+
+For each task t, with θ_t = (shared parameters, t's head):
+
+1. g_t = ∇ L_t(θ) (the per-task gradient, as at the calibrator's params level);
+2. ε_t = ρ g_t / ‖g_t‖ and g_t^SAM = ∇ L_t(θ + ε_t) (one forward of task t and one backward at the
+   perturbed point; buffers such as BatchNorm statistics are restored afterwards);
+3. shared parameters: the SAM gradient is split into its loss part g_t and its flatness part
+   g_t^SAM − g_t; each group goes through the aggregator on its own (its own Gramian and weights, a
+   separate copy of any stateful aggregator) and the update is the sum of the two results;
+4. task t's head gets its own SAM gradient g_t^SAM.
+
+Cost: T backward passes, then T forward + T backward passes at the perturbed points (about 2T
+backward passes). ρ = 0.05 is SAM's default (Foret et al. 2021); the paper tunes ρ per benchmark.
+Under DDP the per-task gradients are averaged across ranks before ε and before each Gramian, so
+every rank perturbs and combines identically (`synced_parameters` lists what is already averaged).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.distributed as tdist
+from torch import Tensor, nn
+
+from mtvision.optim.aggregators import Aggregator
+from mtvision.optim.calibrator import (
+    CalibrationError,
+    CalibrationStats,
+    GradDrop,
+    _accumulate,
+    _all_reduce_sum,
+    _distributed,
+    _stats,
+    _task_order,
+)
+
+Recompute = Callable[[str], Tensor]
+"""recompute(task) -> that task's loss from a fresh forward at the current parameters."""
+
+
+class SharpnessAwareCalibrator:
+    """Per-task SAM perturbations, loss and flatness parts aggregated separately (see module docs)."""
+
+    level = "params"
+    needs_recompute = True
+
+    def __init__(self, model: nn.Module, aggregator: Aggregator, rho: float = 0.05) -> None:
+        if isinstance(aggregator, GradDrop):
+            raise CalibrationError("the sharpness-aware step needs a Gramian aggregator, not graddrop")
+        if not rho > 0:
+            raise CalibrationError(f"sam rho must be > 0, got {rho}")
+        self.model, self.rho = model, float(rho)
+        self.aggregator = aggregator
+        self.flat_aggregator = copy.deepcopy(aggregator)  # its own state (GradVac EMA, Nash warm start)
+        self.synced_parameters: list[nn.Parameter] = []
+
+    def state_dict(self) -> dict:
+        return {"loss": self.aggregator.state_dict(), "flat": self.flat_aggregator.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.aggregator.load_state_dict(state["loss"])
+        self.flat_aggregator.load_state_dict(state["flat"])
+
+    def backward(
+        self, losses: Mapping[str, Tensor], loss_scale: float = 1.0, recompute: Recompute | None = None
+    ) -> CalibrationStats:
+        """Fill `.grad` from `losses` (this forward) and `recompute` (fresh forwards of one task)."""
+        if recompute is None:
+            raise CalibrationError("the sharpness-aware step needs recompute(task): a fresh forward of one task")
+        names = _task_order(losses)
+        shared = [p for p in self.model.shared_parameters() if p.requires_grad]
+        heads = {t: [p for p in self.model.task_parameters(t) if p.requires_grad] for t in names}
+        world = tdist.get_world_size() if _distributed() else 1
+        # 1. plain per-task gradients over (shared, own head), averaged across ranks
+        plain = []
+        for i, t in enumerate(names):
+            params = shared + heads[t]
+            grads = torch.autograd.grad(losses[t] * loss_scale, params, retain_graph=i < len(names) - 1, allow_unused=True)
+            if all(g is None for g in grads[: len(shared)]):
+                raise CalibrationError(f"task {t!r} has no gradient path to the shared parameters")
+            plain.append(_flat(params, grads, world) / loss_scale)
+        finite = all(bool(torch.isfinite(g).all()) for g in plain)
+        # 2. SAM gradients at the per-task perturbed points
+        sam = [self._perturbed_gradient(t, shared + heads[t], g, recompute, loss_scale, world) if finite else g for t, g in zip(names, plain)]
+        finite = finite and all(bool(torch.isfinite(g).all()) for g in sam)
+        # 3. shared part: loss and flatness groups, each through the aggregator
+        n = sum(p.numel() for p in shared)
+        loss_rows = torch.stack([g[:n] for g in plain])
+        flat_rows = torch.stack([s[:n] - g[:n] for s, g in zip(sam, plain)])
+        k_loss = loss_rows.double() @ loss_rows.double().T
+        k_flat = flat_rows.double() @ flat_rows.double().T
+        if finite:
+            w_loss = self.aggregator(k_loss).double()
+            w_flat = self.flat_aggregator(k_flat).double()
+        else:
+            w_loss = w_flat = torch.ones(len(names), dtype=torch.float64)
+        update = (w_loss.to(loss_rows) @ loss_rows + w_flat.to(flat_rows) @ flat_rows) * loss_scale
+        _accumulate(shared, _split(update, shared))
+        # 4. heads: their own SAM gradient
+        for t, s in zip(names, sam):
+            _accumulate(heads[t], _split(s[n:] * loss_scale, heads[t]))
+        self.synced_parameters = shared + [p for t in names for p in heads[t]]
+        return _stats(names, w_loss, k_loss, finite)
+
+    def _perturbed_gradient(self, task, params, grad, recompute, loss_scale: float, world: int) -> Tensor:
+        norm = grad.double().norm()
+        if not float(norm) > 0:
+            return grad.clone()
+        eps = _split(grad * (self.rho / float(norm)), params)
+        saved = [p.detach().clone() for p in params]  # restored exactly (θ + ε − ε is not θ in floats)
+        buffers = [b.detach().clone() for b in self.model.buffers()]
+        with torch.no_grad():
+            for p, e in zip(params, eps):
+                p.add_(e.to(p.dtype))
+        try:
+            loss = recompute(task)
+            grads = torch.autograd.grad(loss * loss_scale, params, allow_unused=True)
+            return _flat(params, grads, world) / loss_scale
+        finally:
+            with torch.no_grad():
+                for p, original in zip(params, saved):
+                    p.copy_(original)
+                for b, original in zip(self.model.buffers(), buffers):
+                    b.copy_(original)
+
+
+def _flat(params, grads, world: int) -> Tensor:
+    out = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)])
+    if world > 1:
+        _all_reduce_sum(out)
+        out /= world
+    return out
+
+
+def _split(flat: Tensor, params) -> list[Tensor]:
+    out, offset = [], 0
+    for p in params:
+        out.append(flat[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
+    return out
