@@ -10,16 +10,32 @@ from typing import Any
 
 from mtvision.errors import closest, unknown_name
 from mtvision.models.backbones import create_backbone
+from mtvision.models.branched import BranchedDecoder
 from mtvision.models.config import ConfigError, ModelConfig
 from mtvision.models.decoders import CrossStitchDecoder, HPSDecoder, MultiTaskDecoder
+from mtvision.models.decoders.cross_task_attention import CrossTaskAttentionDecoder
+from mtvision.models.decoders.cross_task_ssm import CrossTaskSSMDecoder
+from mtvision.models.decoders.distillation import DistillationDecoder
+from mtvision.models.decoders.m3vit import M3ViTDecoder
+from mtvision.models.decoders.mmoe import MMoEDecoder
+from mtvision.models.decoders.task_expert import TaskExpertDecoder
 from mtvision.models.multitask import MultiTaskModel
+from mtvision.models.task_prompts import TaskPrompterDecoder
 from mtvision.tasks import resolve_tasks
 
 DecoderBuilder = Callable[..., MultiTaskDecoder]
 
 DECODERS: dict[str, DecoderBuilder] = {
     "hps": HPSDecoder,
+    "branched": BranchedDecoder,
     "cross_stitch": CrossStitchDecoder,
+    "invpt": CrossTaskAttentionDecoder,
+    "taskprompter": TaskPrompterDecoder,
+    "padnet": DistillationDecoder,
+    "mmoe": MMoEDecoder,
+    "m3vit": M3ViTDecoder,
+    "mtmamba": CrossTaskSSMDecoder,
+    "taskexpert": TaskExpertDecoder,
 }
 
 

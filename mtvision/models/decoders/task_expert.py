@@ -1,0 +1,208 @@
+"""TaskExpert (Ye & Xu, "TaskExpert: Dynamically Assembling Multi-Task Representations with Memorial
+Mixture-of-Experts", ICCV 2023): per-layer expert banks, per-task per-pixel gates, and a per-task
+feature memory that is both written at every layer and read as an extra expert by the next one.
+
+For each backbone layer l (fine to coarse, all brought to one grid of stride `feature_stride`):
+
+    experts      X_e^l = ReLU(BN(W_e^l · x^l))                        e = 1..E  (1x1 conv = linear on tokens)
+    gate         g_t^l = softmax(G_t^l([x^l ; M_t^{l-1}]))             per pixel, over E experts (+1: the memory)
+    assemble     F_t^l = Σ_e g_{t,e}^l · X_e^l  (+ g_{t,E+1}^l · M_t^{l-1}  for l ≥ 1)
+    write        M_t^l = M_t^{l-1} + BN(V_t^l · F_t^l)                 (M_t^0 = BN(V_t^0 · F_t^0))
+
+and task t's head reads the last memory M_t^{L-1}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mtvision.models.decoders.base import BackboneFactory, MultiTaskDecoder
+from mtvision.models.decoders.cross_task_attention import DecoderStrideError, check_strides, crop_to, pad_to_multiple
+from mtvision.models.heads import TaskHead, make_norm, resize_to
+from mtvision.models.moe import MoEError
+from mtvision.tasks import Task
+
+
+def to_grid(x: Tensor, size: Sequence[int]) -> Tensor:
+    """Bring a map to `size`: area averaging when it shrinks, bilinear interpolation otherwise."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if x.shape[-2] >= size[0] and x.shape[-1] >= size[1]:
+        return F.interpolate(x, size=tuple(size), mode="area")
+    return resize_to(x, size)
+
+
+class ExpertBank(nn.Module):
+    """E experts, each a 1x1 conv (a linear layer on tokens) + norm + ReLU, run as one convolution with
+    E x channels outputs (the same function: batch norm is per channel, group norm groups never
+    straddle two experts)."""
+
+    def __init__(self, in_channels: int, num_experts: int, channels: int, norm: str = "bn"):
+        super().__init__()
+        self.num_experts, self.channels = num_experts, channels
+        self.conv = nn.Conv2d(in_channels, num_experts * channels, 1, bias=False)
+        if norm == "gn":
+            groups = next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
+            self.norm: nn.Module = nn.GroupNorm(num_experts * groups, num_experts * channels)
+        else:
+            self.norm = make_norm(norm, num_experts * channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """N x C x H x W -> N x E x channels x H x W."""
+        y = F.relu(self.norm(self.conv(x)))
+        n, _, h, w = y.shape
+        return y.view(n, self.num_experts, self.channels, h, w)
+
+
+class TaskExpertDecoder(MultiTaskDecoder):
+    """TaskExpert: memorial mixture-of-experts at every backbone layer the backbone returns (see the
+    module docstring for the computation).
+
+    Layers: the backbone's returned levels (`backbone.out_indices`); ViT configs take 4 evenly spaced
+    blocks of ViT-L (6/12/18/24, as InvPT, the authors' previous model), CNNs their stages, which
+    are resampled to one grid.  No deep supervision and no auxiliary MoE loss (the paper trains with
+    the task losses only, as far as we could verify).
+
+    Defaults and where they come from (the paper's text was not available to check and its code was
+    never released, prismformore/Multi-Task-Transformer#28; treat the numbers as ours):
+        num_experts: 9 (our reading of the paper's setting).
+        channels: 256, the width of every expert, memory and head input (ours).
+        feature_stride: the grid the experts work on; None: the backbone's finest stride, but not
+            below 8 (a plain ViT: its patch stride 16, as in the paper; ResNet: 8, ours).
+        head_stride: the memory is bilinearly upsampled to this stride before the heads (None: no
+            upsampling; the ViT-L configs use 4, like InvPT's output).
+        head_channels: hidden width of each task head (3x3 conv-norm-ReLU then 1x1), 64 (ours).
+        norm: "bn" (the paper's experts are linear-BN-ReLU) or "gn".
+
+    Shared representation: the backbone feature maps of the last forward (every task's gates and
+    experts read every level).  The expert banks after them are shared parameters that no single
+    tensor separates from the task parts: calibrate at the 'params' level to reach them.
+    Task parameters: task t's gates and memory writes at every layer, and its head.
+    `forward(images, [t])` runs the backbone and the experts, then only t's gates, memory and head.
+    Inputs whose size is not a multiple of `size_divisor` are zero-padded and outputs cropped back.
+    """
+
+    def __init__(
+        self,
+        make_backbone: BackboneFactory,
+        tasks: dict[str, Task],
+        num_experts: int = 9,
+        channels: int = 256,
+        feature_stride: int | None = None,
+        head_stride: int | None = None,
+        head_channels: int = 64,
+        norm: str = "bn",
+    ):
+        super().__init__(tasks)
+        if num_experts < 1:
+            raise MoEError(f"num_experts must be >= 1, got {num_experts}")
+        self.backbone = make_backbone()
+        strides, in_channels = list(self.backbone.strides), list(self.backbone.channels)
+        check_strides(strides, "taskexpert")
+        stride = feature_stride or max(min(strides), 8)
+        check_strides([stride], "taskexpert")
+        if not min(strides) <= stride <= max(strides):
+            raise DecoderStrideError(
+                f"taskexpert: feature_stride={stride} lies outside the backbone's strides {strides}; "
+                "choose one between its finest and coarsest level"
+            )
+        head = head_stride or stride
+        check_strides([head], "taskexpert")
+        if head > stride:
+            raise DecoderStrideError(f"taskexpert: head_stride={head} is coarser than feature_stride={stride}")
+        self.task_names = list(tasks)
+        self.num_experts, self.channels = num_experts, channels
+        self.feature_stride, self.output_stride = stride, head
+        self.size_divisor = max(max(strides), stride)
+        self.num_layers = len(strides)
+        self.experts = nn.ModuleList(ExpertBank(c, num_experts, channels, norm) for c in in_channels)
+        self.gates = nn.ModuleList(
+            nn.ModuleDict({t: nn.Conv2d(c + (channels if i else 0), num_experts + (1 if i else 0), 1) for t in tasks})
+            for i, c in enumerate(in_channels)
+        )
+        self.writes = nn.ModuleList(
+            nn.ModuleDict(
+                {
+                    t: nn.Sequential(nn.Conv2d(channels, channels, 1, bias=False), make_norm(norm, channels))
+                    for t in tasks
+                }
+            )
+            for _ in in_channels
+        )
+        self.heads = nn.ModuleDict(
+            {t: TaskHead(channels, s.out_channels, head_channels, norm=norm) for t, s in tasks.items()}
+        )
+        shape = (self.num_layers, len(tasks), num_experts + 1)
+        self.register_buffer("usage", torch.zeros(shape, dtype=torch.float64), persistent=False)
+        self._shared: list[Tensor] = []
+        self.last_features: list[dict[str, Tensor]] = []
+
+    # ------------------------------------------------------------------ one layer
+    def gate_weights(self, layer: int, task: str, x: Tensor, memory: Tensor | None) -> Tensor:
+        """Task `task`'s per-pixel softmax weights at `layer`: N x E x H x W on layer 0, N x (E+1) x H x W
+        after it (the last channel weighs the memory)."""
+        inputs = x if layer == 0 else torch.cat([x, memory], 1)
+        logits = self.gates[layer][task](inputs)
+        return torch.softmax(logits.float(), dim=1).to(x.dtype)
+
+    def assemble(
+        self, layer: int, x: Tensor, memory: dict[str, Tensor], tasks: Sequence[str]
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """One memorial MoE layer on the gridded backbone feature `x`: the assembled task features F_t
+        and the updated memories M_t of `tasks` (`memory` holds M_t of the previous layer)."""
+        experts = self.experts[layer](x)
+        e = self.num_experts
+        features, written = {}, {}
+        for t in tasks:
+            g = self.gate_weights(layer, t, x, memory.get(t))
+            f = (g[:, :e].unsqueeze(2) * experts).sum(1)  # faster than einsum on CPU
+            if layer:
+                f = f + g[:, e:] * memory[t]
+            features[t] = f
+            update = self.writes[layer][t](f)
+            written[t] = update if layer == 0 else memory[t] + update
+            with torch.no_grad():
+                self.usage[layer, self.task_names.index(t), : g.shape[1]] += g.double().mean(dim=(2, 3)).sum(0)
+        return features, written
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, images: Tensor, tasks: Sequence[str]) -> dict[str, Tensor]:
+        size = tuple(images.shape[-2:])
+        padded = pad_to_multiple(images, self.size_divisor)
+        psize = tuple(padded.shape[-2:])
+        feats = self.backbone(padded)
+        self._shared = list(feats)
+        grid = (psize[0] // self.feature_stride, psize[1] // self.feature_stride)
+        memory: dict[str, Tensor] = {}
+        self.last_features = []
+        for layer, feat in enumerate(feats):
+            features, memory = self.assemble(layer, to_grid(feat, grid), memory, tasks)
+            self.last_features.append({t: f.detach() for t, f in features.items()})
+        head_grid = (psize[0] // self.output_stride, psize[1] // self.output_stride)
+        return {t: crop_to(self.heads[t](resize_to(memory[t], head_grid)), psize, size) for t in tasks}
+
+    # ------------------------------------------------------------------ contract
+    def shared_representation(self) -> list[Tensor]:
+        return list(self._shared)
+
+    def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
+        for layer in range(self.num_layers):
+            yield from self.gates[layer][task].parameters()
+            yield from self.writes[layer][task].parameters()
+        yield from self.heads[task].parameters()
+
+    def expert_usage(self) -> dict[int, dict[str, Tensor]]:
+        """Per layer and task, the accumulated gate weight of each expert (summed over images, mean over
+        pixels); from layer 1 on the last entry is the memory."""
+        width = [self.num_experts] + [self.num_experts + 1] * (self.num_layers - 1)
+        return {
+            layer: {t: self.usage[layer, i, : width[layer]].clone() for i, t in enumerate(self.task_names)}
+            for layer in range(self.num_layers)
+        }
+
+    def reset_expert_usage(self) -> None:
+        self.usage.zero_()

@@ -1,0 +1,31 @@
+"""Branching search: the branching spec (which tasks share which stage copies) and its FLOPs."""
+
+from mtvision.search.flops import (
+    BudgetError,
+    FlopsTable,
+    cheapest_flops,
+    check_budget,
+    costliest_flops,
+    count_flops,
+    format_flops,
+    measure,
+    spec_flops,
+    stage_flops,
+)
+from mtvision.search.spec import BranchingSpec, SpecError, as_spec
+
+__all__ = [
+    "BranchingSpec",
+    "BudgetError",
+    "FlopsTable",
+    "SpecError",
+    "as_spec",
+    "check_budget",
+    "cheapest_flops",
+    "costliest_flops",
+    "count_flops",
+    "format_flops",
+    "measure",
+    "spec_flops",
+    "stage_flops",
+]

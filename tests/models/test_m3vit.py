@@ -1,0 +1,252 @@
+"""M3ViT: MoE-ified ViT equals the dense ViT at copy-initialisation, task pathways, aux loss, costs."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from mtvision.models import create_model
+from mtvision.models.backbones import create_backbone
+from mtvision.models.decoders.m3vit import M3ViTDecoder
+from mtvision.models.m3vit import M3ViTBackbone, M3ViTError, MoEBlock, load_dense_weights, moeify_vit
+
+TASKS3 = ("semseg", "depth", "normals")
+VIT = {"name": "test_vit", "kwargs": {"img_size": 64, "dynamic_img_size": True}}
+
+
+def _dense():
+    torch.manual_seed(0)
+    return create_backbone("test_vit", img_size=64, dynamic_img_size=True).eval()
+
+
+def _model(tasks=TASKS3, **options):
+    torch.manual_seed(0)
+    options = {"num_experts": 4, "top_k": 2, "neck_channels": 16, "head_channels": 8, **options}
+    spec = {t: (5 if t == "semseg" else None) for t in tasks}
+    return create_model(backbone=VIT, decoder="m3vit", tasks=spec, decoder_options=options)
+
+
+def test_defaults_follow_the_released_m3vit_configuration():
+    defaults = {k: v.default for k, v in inspect.signature(moeify_vit).parameters.items()}
+    layout = tuple(defaults[k] for k in ("num_experts", "top_k", "every", "routing"))
+    assert layout == (16, 4, 2, "per_task")
+    options = {k: v.default for k, v in inspect.signature(M3ViTDecoder).parameters.items()}
+    assert (options["num_experts"], options["top_k"], options["expert_mlp_ratio"]) == (16, 4, 1.0)
+    assert options["balance_weight"] == 1e-2 and options["capacity_factor"] is None
+    vit = copy.deepcopy(_dense().body.model)
+    assert moeify_vit(vit, ["depth"], num_experts=4, top_k=2) == [1, 3, 5]  # every other block, from block 1
+    assert [isinstance(b, MoEBlock) for b in vit.blocks] == [False, True] * 3
+
+
+def test_copied_experts_reproduce_the_dense_vit():
+    dense = _dense()
+    backbone = M3ViTBackbone(copy.deepcopy(dense), ["semseg", "depth"], num_experts=4, top_k=2, noise_std=0.0).eval()
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        expected = dense(x)
+        got = backbone(x)
+    for task in ("semseg", "depth"):
+        assert len(got[task]) == len(expected)
+        for a, b in zip(got[task], expected):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # with noise, the experts are distinct perturbations of the dense MLP
+    noisy = M3ViTBackbone(copy.deepcopy(dense), ["depth"], num_experts=4, top_k=2, noise_std=0.05)
+    moe = noisy.moe_layers()[1]
+    dense_w1 = dense.body.model.blocks[1].mlp.fc1.weight
+    assert not torch.equal(moe.w1[0], moe.w1[1])
+    spread = (moe.w1 - dense_w1).std().item()
+    assert spread == pytest.approx(0.05 * dense_w1.std().item(), rel=0.2)
+
+
+def test_copy_init_refuses_experts_of_another_width():
+    vit = copy.deepcopy(_dense().body.model)
+    with pytest.raises(M3ViTError, match="cannot copy block 1's dense MLP \\(hidden 192\\) into experts of hidden 64"):
+        moeify_vit(vit, ["depth"], num_experts=4, top_k=2, expert_hidden=64, init="copy")
+    assert moeify_vit(vit, ["depth"], num_experts=4, top_k=2, expert_hidden=64) == [1, 3, 5]  # auto: ViT init
+    assert vit.blocks[1].moe.w1.shape == (4, 64, 64)
+
+
+def test_dense_weights_load_into_experts_and_bad_shapes_are_named():
+    dense = _dense()
+    state = dense.body.model.state_dict()
+    torch.manual_seed(5)
+    fresh = create_backbone("test_vit", img_size=64, dynamic_img_size=True)
+    backbone = M3ViTBackbone(fresh, ["depth"], num_experts=4, top_k=2, expert_hidden=None).eval()
+    load_dense_weights(backbone, state, noise_std=0.0)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(x)["depth"][-1], dense(x)[-1], atol=1e-5, rtol=1e-5)
+    bad = dict(state)
+    bad["blocks.0.attn.qkv.weight"] = torch.zeros(10, 64)
+    with pytest.raises(
+        M3ViTError, match="'blocks.0.attn.qkv.weight' has shape \\(10, 64\\) but .* needs \\(192, 64\\)"
+    ):
+        load_dense_weights(backbone, bad)
+    bad = dict(state)
+    bad["blocks.1.mlp.fc1.weight"] = torch.zeros(100, 64)
+    bad["blocks.1.mlp.fc1.bias"] = torch.zeros(100)
+    with pytest.raises(M3ViTError, match="fc1.weight has shape \\(100, 64\\) but the experts need \\(192, 64\\)"):
+        load_dense_weights(backbone, bad, experts="copy")
+    del bad["blocks.1.mlp.fc1.bias"]
+    with pytest.raises(M3ViTError, match="missing from the dense weights.*blocks.1.mlp.fc1.bias"):
+        load_dense_weights(backbone, bad)
+
+
+def test_backbone_checks():
+    with pytest.raises(M3ViTError, match="needs a plain timm ViT"):
+        create_model(backbone="test_resnet", decoder="m3vit", tasks=["depth"])
+    with pytest.raises(M3ViTError, match="feature index 0 precedes the first MoE block"):
+        create_model(
+            backbone={**VIT, "out_indices": [0, 5]},
+            decoder="m3vit",
+            tasks=["depth"],
+            decoder_options={"num_experts": 4, "top_k": 2},
+        )
+    with pytest.raises(KeyError, match="unknown task of this M3ViT backbone 'edge'"):
+        _model().decoder.backbone(torch.randn(1, 3, 32, 32), ["edge"])
+
+
+def test_single_task_pathway_matches_all_tasks_and_costs_about_one_third():
+    model = _model().eval()
+    x = torch.randn(2, 3, 64, 80)
+    calls = {t: 0 for t in TASKS3}
+    for t, head in model.decoder.heads.items():
+        head.register_forward_hook(lambda *_, t=t: calls.__setitem__(t, calls[t] + 1))
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as all_counter:
+            full = model(x)
+        with FlopCounterMode(display=False) as one_counter:
+            only = model(x, tasks=["depth"])
+    assert list(only) == ["depth"] and calls == {"semseg": 1, "depth": 2, "normals": 1}
+    torch.testing.assert_close(only["depth"], full["depth"], atol=1e-5, rtol=1e-5)
+    ratio = one_counter.get_total_flops() / all_counter.get_total_flops()
+    assert 1 / 3 <= ratio < 1 / 3 + 0.1, ratio  # only the patch embedding and block 0 are shared
+    with pytest.raises(KeyError):
+        model(x, tasks=["dpth"])
+
+
+def test_training_outputs_carry_the_balancing_loss_of_every_moe_layer():
+    model = _model(balance_weight=0.5).train()
+    x = torch.randn(2, 3, 64, 64)
+    out = model(x)
+    aux = out["moe_aux_loss"]
+    assert aux.ndim == 0 and aux.requires_grad and aux.item() > 0
+    # the same quantity, recomputed from the layers' own routing: per layer and per task pathway
+    assert sorted(model.decoder.backbone.moe_layers()) == [1, 3, 5]
+    aux.backward()
+    for moe in model.decoder.backbone.moe_layers().values():
+        for t in TASKS3:
+            assert moe.noise_weight[t].grad is not None and moe.noise_weight[t].grad.abs().sum() > 0
+    model.eval()
+    assert "moe_aux_loss" not in model(x)
+
+
+def test_balancing_loss_value_is_the_sum_over_layers_and_tasks():
+    model = _model(noisy_gating=False, balance_weight=1.0).train()
+    backbone = model.decoder.backbone
+    with torch.no_grad():
+        for moe in backbone.moe_layers().values():
+            for w in moe.gate_weight.values():
+                w.normal_()
+    seen = []
+    for moe in backbone.moe_layers().values():
+        original = moe._route
+
+        def spy(x, task, original=original, moe=moe):
+            idx, gates = original(x, task)
+            full = torch.zeros(x.shape[0], moe.num_experts).scatter(1, idx, gates)
+            imp, load = full.sum(0), (full > 0).float().sum(0)
+            cv2 = lambda v: v.var(unbiased=False) / v.mean() ** 2  # noqa: E731
+            seen.append((cv2(imp) + cv2(load)).item())
+            return idx, gates
+
+        moe._route = spy
+    out = model(torch.randn(2, 3, 32, 32))
+    assert len(seen) == 3 * 3  # 3 MoE layers x 3 task gates
+    assert out["moe_aux_loss"].item() == pytest.approx(sum(seen), rel=1e-4)
+
+
+def test_shared_representation_and_parameter_partition():
+    model = _model()
+    out = model(torch.randn(2, 3, 32, 32))
+    (rep,) = model.shared_representation()
+    assert rep.shape == (2, 1 + 4, 64)  # class token + 2 x 2 patches entering block 1
+    for t in TASKS3:
+        (g,) = torch.autograd.grad(out[t].square().mean(), rep, retain_graph=True)
+        assert g.abs().sum() > 0, t
+    per_task = {t: {id(p) for p in model.task_parameters(t)} for t in TASKS3}
+    shared = {id(p) for p in model.shared_parameters()}
+    assert not shared & set().union(*per_task.values())
+    assert shared | set().union(*per_task.values()) == {id(p) for p in model.parameters()}
+    moe = model.decoder.backbone.moe_layers()[3]
+    assert id(moe.gate_weight["depth"]) in per_task["depth"] and id(moe.w1) in shared
+    model.zero_grad()
+    out["depth"].mean().backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.task_parameters("semseg"))
+
+
+def test_expert_usage_counts_every_routed_token_per_layer_and_task():
+    model = _model().eval()
+    model.decoder.reset_expert_usage()
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 48))
+        model(torch.randn(1, 3, 64, 48), tasks=["normals"])
+    usage = model.decoder.expert_usage()
+    assert sorted(usage) == ["blocks.1", "blocks.3", "blocks.5"]
+    tokens = 1 + 4 * 3  # class token + 4 x 3 patches per image
+    for layer in usage.values():
+        assert layer["semseg"].sum() == 2 * tokens * 2  # 2 images, top-2
+        assert layer["normals"].sum() == 3 * tokens * 2
+    model.decoder.reset_expert_usage()
+    assert all(c.sum() == 0 for layer in model.decoder.expert_usage().values() for c in layer.values())
+
+
+def test_task_embedding_routing_and_learning(synthetic_batch):
+    model = _model(tasks=("semseg", "depth"), routing="task_embedding")
+    model.train()
+    images = synthetic_batch["image"][:2]
+    batch = {t: synthetic_batch[t][:2] for t in ("semseg", "depth")}
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+
+    def total():
+        out = model(images)
+        return sum(model.tasks[t].loss(out[t], batch[t]) for t in batch) + out["moe_aux_loss"]
+
+    embedding = model.decoder.backbone.moe_layers()[1].task_embedding
+    start = embedding.detach().clone()
+    first = total()
+    first.backward()
+    opt.step()
+    for _ in range(4):
+        opt.zero_grad()
+        total().backward()
+        opt.step()
+    assert total().item() < first.item() * 0.95
+    # the zero-initialised gate passes no gradient to the embedding at first; once it has learned, it does
+    assert not torch.equal(embedding.detach(), start)
+
+
+def test_pretrained_folder_round_trip(tmp_path):
+    from mtvision.models import load_model
+
+    model = _model(tasks=("depth", "normals")).eval()
+    model.save_pretrained(tmp_path)
+    again = load_model(tmp_path).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        a, b = model(x), again(x)
+    assert all(torch.equal(a[t], b[t]) for t in a)
+
+
+def test_an_input_size_off_the_patch_grid_is_padded_and_cropped_back():
+    model = _model().eval()
+    out = model(torch.randn(1, 3, 40, 50))
+    assert out["semseg"].shape == (1, 5, 40, 50) and out["depth"].shape == (1, 1, 40, 50)
+    torch.manual_seed(1)
+    x = torch.randn(1, 3, 40, 50)
+    full = model(torch.nn.functional.pad(x, (0, 14, 0, 8)))["depth"][..., :40, :50]
+    torch.testing.assert_close(model(x)["depth"], full, rtol=1e-4, atol=1e-5)

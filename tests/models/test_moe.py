@@ -1,0 +1,204 @@
+"""MoE layer: equivalences with hand-computed mixtures, capacity, balancing loss, smooth load, routing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mtvision.errors import MTVisionError
+from mtvision.models.moe import MoE, MoEError, cv_squared, prob_in_top_k
+
+
+def _layer(dim=8, hidden=12, experts=4, k=2, **kw) -> MoE:
+    torch.manual_seed(0)
+    m = MoE(dim, hidden, experts, k, **kw)
+    with torch.no_grad():
+        for w in m.gate_weight.values():
+            w.normal_()
+        m.b1.normal_(std=0.1)
+        m.b2.normal_(std=0.1)
+    return m
+
+
+def test_all_experts_no_noise_equals_hand_mixture():
+    m = _layer(k=4, noisy_gating=False).train()  # training mode: still no noise, no capacity
+    x = torch.randn(2, 5, 8)
+    out = m(x)
+    flat = x.reshape(-1, 8)
+    weights = torch.softmax(flat @ m.gate_weight["shared"], dim=-1)
+    expected = sum(weights[:, e : e + 1] * m.expert(e, flat) for e in range(4))
+    torch.testing.assert_close(out, expected.reshape(2, 5, 8), atol=1e-5, rtol=1e-5)
+    assert m.last_stats.dropped == 0 and m.last_stats.load.tolist() == [10, 10, 10, 10]
+
+
+def test_top1_gate_forced_to_one_expert_is_that_expert():
+    m = _layer(k=1).eval()
+    with torch.no_grad():
+        m.gate_weight["shared"].zero_()
+        m.gate_weight["shared"][:, 2] = 10.0
+    x = torch.rand(7, 8) + 0.1  # positive inputs: expert 2's logit is the largest for every token
+    torch.testing.assert_close(m(x), m.expert(2, x), atol=1e-6, rtol=1e-6)
+    assert m.last_stats.load.tolist() == [0, 0, 7, 0]
+    torch.testing.assert_close(m.last_stats.importance, torch.tensor([0.0, 0.0, 7.0, 0.0]))
+
+
+def test_capacity_overflow_drops_the_later_tokens_and_counts_them():
+    m = _layer(k=1, capacity_factor=1.0).eval()
+    with torch.no_grad():
+        m.gate_weight["shared"].zero_()
+        m.gate_weight["shared"][:, 1] = 10.0
+    x = torch.rand(10, 8) + 0.1
+    out = m(x)
+    cap = 3  # ceil(1.0 * 10 tokens * k=1 / 4 experts)
+    assert m.capacity(10) == cap and m.last_stats.capacity == cap
+    torch.testing.assert_close(out[:cap], m.expert(1, x[:cap]), atol=1e-6, rtol=1e-6)
+    assert torch.equal(out[cap:], torch.zeros(10 - cap, 8))
+    assert m.last_stats.dropped == 7
+    assert m.last_stats.load.tolist() == [0, 10, 0, 0] and m.last_stats.kept.tolist() == [0, 3, 0, 0]
+    assert m.dropped_usage() == {"all": 7}
+
+
+def test_capacity_priority_matches_a_token_loop_reference():
+    """First choices of all tokens are placed before any second choice; within a rank, earlier tokens first."""
+    m = _layer(experts=4, k=2, capacity_factor=0.75, noisy_gating=False).eval()
+    x = torch.randn(12, 8)
+    out = m(x)
+    clean, _ = m.gate_logits(x)
+    values, idx = clean.topk(2, dim=-1)
+    gates = torch.softmax(values, dim=-1)
+    cap = m.capacity(12)  # ceil(0.75 * 12 * 2 / 4) = 5
+    assert cap == 5
+    filled, dropped = [0] * 4, 0
+    expected = torch.zeros(12, 8)
+    for rank in range(2):
+        for n in range(12):
+            e = int(idx[n, rank])
+            if filled[e] < cap:
+                filled[e] += 1
+                expected[n] += gates[n, rank] * m.expert(e, x[n : n + 1])[0]
+            else:
+                dropped += 1
+    assert dropped > 0 and m.last_stats.dropped == dropped
+    assert m.last_stats.kept.tolist() == filled
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_cv_squared_on_hand_made_importance():
+    assert cv_squared(torch.tensor([1.0, 2.0, 3.0, 6.0])).item() == pytest.approx(3.5 / 9.0)
+    assert cv_squared(torch.full((5,), 2.0)).item() == pytest.approx(0.0)
+    assert cv_squared(torch.tensor([4.0])).item() == 0.0
+
+
+def test_balancing_loss_is_weighted_cv_squared_of_importance_and_load():
+    m = _layer(experts=4, k=2, noisy_gating=False, balance_weight=0.05).train()
+    m(torch.randn(16, 8))
+    aux = m.pop_aux_loss()
+    s = m.last_stats
+    expected = 0.05 * (cv_squared(s.importance) + cv_squared(s.load.float()))
+    assert aux.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert m.pop_aux_loss() is None  # popped
+    m.eval()
+    m(torch.randn(16, 8))
+    assert m.pop_aux_loss() is None  # the balancing loss is a training loss
+
+
+def test_gradient_reaches_gate_and_noise_weights():
+    m = _layer(experts=4, k=2).train()
+    out = m(torch.randn(20, 8))
+    (out.square().mean() + m.pop_aux_loss()).backward()
+    for name in ("gate_weight", "noise_weight"):
+        grad = getattr(m, name)["shared"].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    assert m.w1.grad.abs().sum() > 0 and m.w2.grad.abs().sum() > 0
+    # the smooth load estimator alone carries gradient to the noise weights
+    m.zero_grad()
+    m(torch.randn(20, 8))
+    m.pop_aux_loss().backward()
+    assert m.noise_weight["shared"].grad.abs().sum() > 0
+
+
+def test_smooth_load_matches_monte_carlo_redraw_of_one_experts_noise():
+    torch.manual_seed(1)
+    n, num_e, k, draws = 3, 6, 2, 40000
+    clean = torch.randn(n, num_e)
+    std = torch.rand(n, num_e) + 0.3
+    noisy = clean + torch.randn(n, num_e) * std
+    prob = prob_in_top_k(clean, noisy, std, k)
+    for e in range(num_e):
+        others = torch.cat([noisy[:, :e], noisy[:, e + 1 :]], dim=1)
+        kth_excluding = others.sort(dim=1, descending=True).values[:, k - 1 : k]
+        redrawn = clean[:, e : e + 1] + torch.randn(n, draws) * std[:, e : e + 1]
+        frequency = (redrawn > kth_excluding).float().mean(1)
+        torch.testing.assert_close(prob[:, e], frequency, atol=0.015, rtol=0)
+
+
+def test_noise_only_in_training():
+    m = _layer(experts=4, k=1).eval()
+    x = torch.randn(30, 8)
+    torch.testing.assert_close(m(x), m(x))
+    m.train()
+    torch.manual_seed(3)
+    first = m(x)
+    torch.manual_seed(4)
+    assert not torch.allclose(first, m(x))
+
+
+def test_too_many_experts_per_token_is_a_clear_error():
+    with pytest.raises(MoEError, match="top_k=5 is larger than num_experts=4") as info:
+        MoE(8, 8, num_experts=4, top_k=5)
+    assert isinstance(info.value, MTVisionError)
+
+
+def test_unknown_task_names_the_known_tasks():
+    m = MoE(8, 8, 4, 2, tasks=["semseg", "depth"], routing="per_task")
+    with pytest.raises(KeyError, match="unknown task of this MoE gate 'normals'.*valid: depth, semseg"):
+        m(torch.randn(3, 8), "normals")
+    with pytest.raises(MoEError, match="needs a task"):
+        m(torch.randn(3, 8))
+    with pytest.raises(MTVisionError, match="needs the task names"):
+        MoE(8, 8, 4, 2, routing="per_task")
+
+
+def test_per_task_gates_route_independently_and_a_batched_call_equals_separate_calls():
+    m = _layer(k=2, tasks=["a", "b"], routing="per_task", noisy_gating=False).eval()
+    xa, xb = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    together = m(torch.cat([xa, xb]), ["a", "b"])
+    torch.testing.assert_close(together, torch.cat([m(xa, "a"), m(xb, "b")]), atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(m(xa, "a"), m(xa, "b"))  # two different gates
+    # a task's loss reaches only its own gate
+    m.train()
+    m(xa, "a").sum().backward()
+    assert m.gate_weight["a"].grad.abs().sum() > 0 and m.gate_weight["b"].grad is None
+    assert [p is m.gate_weight["b"] for p in m.gate_parameters("b")][0]
+
+
+def test_task_embedding_gate_depends_on_the_task_and_learns_the_embedding():
+    m = _layer(k=2, tasks=["a", "b"], routing="task_embedding", task_embed_dim=4, noisy_gating=False)
+    assert m.gate_weight["shared"].shape == (8 + 4, 4)
+    clean_a, _ = m.gate_logits(torch.zeros(3, 8), "a")
+    clean_b, _ = m.gate_logits(torch.zeros(3, 8), "b")
+    torch.testing.assert_close(clean_a[0], m.task_embedding[0] @ m.gate_weight["shared"][8:])
+    assert not torch.allclose(clean_a, clean_b)
+    m.train()
+    m(torch.randn(6, 8), "b").sum().backward()
+    assert m.task_embedding.grad[1].abs().sum() > 0 and m.task_embedding.grad[0].abs().sum() == 0
+
+
+def test_usage_statistics_accumulate_per_task_and_reset():
+    m = _layer(k=2, tasks=["a", "b"], routing="per_task").eval()
+    m(torch.randn(10, 8), "a")
+    m(torch.randn(4, 8), "b")
+    m(torch.randn(10, 8), "a")
+    usage = m.expert_usage()
+    assert set(usage) == {"a", "b"}
+    assert usage["a"].sum().item() == 2 * 20 and usage["b"].sum().item() == 2 * 4
+    m.reset_stats()
+    assert all(v.sum() == 0 for v in m.expert_usage().values())
+
+
+def test_half_precision_tokens_pass_through_autocast():
+    m = _layer(k=2).eval()
+    x = torch.randn(6, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x)
+    assert out.dtype == torch.float32 and torch.allclose(out, m(x), atol=5e-2)
