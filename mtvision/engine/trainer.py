@@ -443,7 +443,7 @@ def _train(
                 scalars.update({"train/loss": sum(window.values()) / window_n, "train/lr": lr, "train/images_per_s": window_images / elapsed,
                                 "train/epoch": epoch, "train/skipped_steps": skipped})
                 scalars.update({f"train/{k}": v for k, v in objective.consume_log().items()})
-                scalars.update(expert_usage_scalars(core))
+                scalars.update(decoder_scalars(core))
                 loggers.log_scalars(scalars, step)
                 window, window_n, window_images, window_start, window_aux = {}, 0, 0, time.perf_counter(), 0.0
             if on_step is not None:
@@ -492,6 +492,16 @@ def expert_usage_scalars(core: nn.Module) -> dict[str, float]:
     walk("", decoder.expert_usage())
     if hasattr(decoder, "reset_expert_usage"):
         decoder.reset_expert_usage()
+    return out
+
+
+def decoder_scalars(core: nn.Module) -> dict[str, float]:
+    """What a decoder reports about its own state (`training_scalars()`, e.g. TAPS's open layers), and
+    its expert balance (`expert_usage()`), as `train/...` scalars."""
+    decoder = getattr(core, "decoder", core)
+    out = expert_usage_scalars(core)
+    if hasattr(decoder, "training_scalars"):
+        out.update({f"train/{k}": float(v) for k, v in decoder.training_scalars().items()})
     return out
 
 

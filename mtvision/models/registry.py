@@ -18,6 +18,7 @@ from mtvision.models.decoders.cross_task_ssm import CrossTaskSSMDecoder
 from mtvision.models.decoders.distillation import DistillationDecoder
 from mtvision.models.decoders.m3vit import M3ViTDecoder
 from mtvision.models.decoders.mmoe import MMoEDecoder
+from mtvision.models.decoders.taps import TAPSDecoder
 from mtvision.models.decoders.task_expert import TaskExpertDecoder
 from mtvision.models.multitask import MultiTaskModel
 from mtvision.models.task_prompts import TaskPrompterDecoder
@@ -36,6 +37,7 @@ DECODERS: dict[str, DecoderBuilder] = {
     "m3vit": M3ViTDecoder,
     "mtmamba": CrossTaskSSMDecoder,
     "taskexpert": TaskExpertDecoder,
+    "taps": TAPSDecoder,
 }
 
 

@@ -220,8 +220,7 @@ class GradientCalibrator:
             per_task_after.append(grads[n : n + len(after)])
             _accumulate(heads[t], grads[n + len(after) :])
         world = tdist.get_world_size() if _distributed() else 1
-        flat = torch.stack([torch.cat([g.reshape(-1) for g in gs]).double() for gs in per_task]) / loss_scale
-        gramian = flat @ flat.T
+        gramian = _blockwise_gramian(per_task) / loss_scale**2
         if world > 1:
             _all_reduce_sum(gramian)
             gramian /= world**2
@@ -317,6 +316,19 @@ class GradientCalibrator:
             factors = torch.where(active, target / norms.clamp_min(1e-300), torch.ones_like(norms))
             branch_grads = [g * float(f) for g, f in zip(branch_grads, factors)]
         torch.autograd.backward(branches, grad_tensors=branch_grads)
+
+
+def _blockwise_gramian(per_task: list[list[Tensor]], block: int = 1 << 20) -> Tensor:
+    """K = G Gᵀ accumulated in float64 over blocks of the gradient tensors, without a float64 copy of
+    the whole T x N gradient matrix (at 448x576 that copy alone would be about 1 GB)."""
+    t = len(per_task)
+    gramian = torch.zeros(t, t, dtype=torch.float64, device=per_task[0][0].device)
+    for i in range(len(per_task[0])):
+        rows = torch.stack([gs[i].reshape(-1) for gs in per_task])
+        for part in rows.split(block, dim=1):
+            part = part.double()
+            gramian += part @ part.T
+    return gramian
 
 
 def _stats(names: list[str], weights: Tensor, gramian: Tensor, finite: bool) -> CalibrationStats:

@@ -202,3 +202,14 @@ def test_the_regularizer_adds_its_plain_gradient_with_and_without_calibration():
         assert got.keys() == want.keys()
         for n in want:
             torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6)
+
+
+def test_taps_penalty_and_its_open_layers_are_logged(tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny_config(out, model={"decoder": "taps", "decoder_options": {"neck_channels": 8, "head_channels": 8}},
+                      data={"tasks": ["semseg", "depth"]}, train={"iterations": 2, "eval_interval": 2}, logging={"log_interval": 1})
+    train(cfg, device="cpu")
+    rows = [r for r in _records(out) if "train/loss" in r]
+    for row in rows:
+        assert row["train/moe_aux_loss"] > 0  # the sparsity penalty, outside the task losses
+        assert 0 <= row["train/taps/depth/open_fraction"] <= 1 and row["train/taps/semseg/open_layers"] >= 0
