@@ -245,22 +245,21 @@ class GradientCalibrator:
         shared = [p for p in self.model.shared_parameters() if p.requires_grad]
         if not shared:
             raise CalibrationError("the model has no shared parameters to calibrate")
-        rows = []
+        numel = sum(p.numel() for p in shared)
+        flat = torch.empty(len(names), numel, dtype=shared[0].dtype, device=shared[0].device)  # T x P, scaled
         for i, t in enumerate(names):
             grads = torch.autograd.grad(
                 losses[t], shared + heads[t], retain_graph=i < len(names) - 1, allow_unused=True
             )
             if all(g is None for g in grads[: len(shared)]):
                 raise CalibrationError(f"task {t!r} has no gradient path to the shared parameters")
-            rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(shared, grads)]))
+            torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(shared, grads)], out=flat[i])
             _accumulate(heads[t], grads[len(shared) :])
-        flat = torch.stack(rows)  # T x P, scaled by loss_scale
         world = tdist.get_world_size() if _distributed() else 1
         if world > 1:
             _all_reduce_sum(flat)
             flat /= world
-        unscaled = flat.double() / loss_scale
-        gramian = unscaled @ unscaled.T
+        gramian = _blockwise_gramian([[row] for row in flat]) / loss_scale**2
         finite = bool(torch.isfinite(gramian).all())
         if isinstance(self.aggregator, GradDrop):
             weights = torch.ones(len(names), dtype=torch.float64)
@@ -268,11 +267,11 @@ class GradientCalibrator:
         else:
             weights = self._weights(gramian, finite)
             combined_flat = weights.to(flat) @ flat
-        combined, offset = [], 0
-        for p in shared:
-            combined.append(combined_flat[offset : offset + p.numel()].view_as(p))
+        offset = 0
+        for p in shared:  # the combined gradient's slices become the gradients (no copy when there are none yet)
+            part = combined_flat[offset : offset + p.numel()].view_as(p)
+            p.grad = part if p.grad is None else p.grad + part
             offset += p.numel()
-        _accumulate(shared, combined)
         self.synced_parameters = shared
         return _stats(names, weights, gramian, finite)
 
