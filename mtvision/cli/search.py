@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mtvision.errors import MTVisionError
+from mtvision.cli.common import run_config_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,20 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     from mtvision.search.config import SearchConfig
     from mtvision.search.runner import search
 
-    for item in args.overrides:
-        if "=" not in item:
-            print(f"mtv-search: override {item!r} must look like key=value (e.g. search.epochs=5)", file=sys.stderr)
-            return 2
-    try:
+    def run() -> None:
         cfg = load_config(SearchConfig, args.config, args.overrides)
         search(cfg, overwrite=args.overwrite, device=args.device)
-    except FileNotFoundError as exc:
-        print(f"mtv-search: {exc}", file=sys.stderr)
-        return 2
-    except MTVisionError as exc:
-        print(f"mtv-search: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, ValueError) else 1
-    return 0
+
+    return run_config_command("mtv-search", args.overrides, "search.epochs=5", run)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mtvision.errors import MTVisionError
+from mtvision.cli.common import run_config_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,20 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     from mtvision.config import ExperimentConfig, load_config
     from mtvision.engine.trainer import train
 
-    for item in args.overrides:
-        if "=" not in item:
-            print(f"mtv-train: override {item!r} must look like key=value (e.g. optim.lr=1e-3)", file=sys.stderr)
-            return 2
-    try:
+    def run() -> None:
         cfg = load_config(ExperimentConfig, args.config, args.overrides)
         train(cfg, resume=args.resume, overwrite=args.overwrite, device=args.device)
-    except FileNotFoundError as exc:
-        print(f"mtv-train: {exc}", file=sys.stderr)
-        return 2
-    except MTVisionError as exc:
-        print(f"mtv-train: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, ValueError) else 1
-    return 0
+
+    return run_config_command("mtv-train", args.overrides, "optim.lr=1e-3", run)
 
 
 if __name__ == "__main__":
