@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from mtvision.engine import distributed as dist
-from mtvision.optim.calibrator import CalibrationStats, GradientCalibrator
+from mtvision.optim.calibrator import CalibrationStats, GradientCalibrator, accumulate_grads, split_flat
 from mtvision.optim.sam import SharpnessAwareCalibrator
 from mtvision.optim.weighting import LossWeighting, make_weighting
 from mtvision.tasks import Task
@@ -171,7 +171,7 @@ class MultiTaskObjective:
         params = [p for p in self.calibrator.model.parameters() if p.requires_grad]
         grads = torch.autograd.grad(regularizer, params, retain_graph=True, allow_unused=True)
         if dist.world_size() < 2:
-            _accumulate_grads(params, grads)
+            accumulate_grads(params, grads)
             return
         # every rank holds every parameter (zeros where unused), so the all-reduce lines up
         flat = torch.cat([(torch.zeros_like(p) if g is None else g.detach()).reshape(-1) for p, g in zip(params, grads)])
@@ -193,11 +193,7 @@ class MultiTaskObjective:
         if self._regularizer_grads:
             held_params, flat = self._regularizer_grads.pop("flat")
             dist.all_reduce_mean_(flat)
-            parts, offset = [], 0
-            for p in held_params:
-                parts.append(flat[offset : offset + p.numel()].view_as(p))
-                offset += p.numel()
-            _accumulate_grads(held_params, parts)
+            accumulate_grads(held_params, split_flat(flat, held_params))
 
     def after_step(self, losses_after: Mapping[str, Tensor] | None) -> None:
         """After the optimizer step (None: it was skipped); `losses_after` are raw, un-prescaled losses."""
@@ -265,12 +261,6 @@ class MultiTaskObjective:
             self.calibrator.load_state_dict(state["calibrator"])
 
 
-def _accumulate_grads(params: Sequence[nn.Parameter], grads: Sequence[Tensor | None]) -> None:
-    for p, g in zip(params, grads):
-        if g is not None:
-            p.grad = g.detach().clone() if p.grad is None else p.grad + g.detach()
-
-
 def average_gradients(params: Sequence[nn.Parameter]) -> None:
     """Average `.grad` of `params` across ranks in one flat all-reduce (a missing gradient counts as
     zero where any rank has one; parameters without a gradient on every rank keep None)."""
@@ -287,10 +277,8 @@ def average_gradients(params: Sequence[nn.Parameter]) -> None:
             p.grad = torch.zeros_like(p)
     flat = torch.cat([p.grad.reshape(-1) for p in chosen])
     dist.all_reduce_mean_(flat)
-    offset = 0
-    for p in chosen:
-        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
-        offset += p.numel()
+    for p, part in zip(chosen, split_flat(flat, chosen)):
+        p.grad.copy_(part)
 
 
 def check_objective(

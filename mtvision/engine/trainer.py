@@ -246,7 +246,6 @@ def _train(
     objective = make_objective(core, cfg, dev)
     optimizer = build_optimizer(core, cfg, objective.extra_parameters())
     steps, steps_per_epoch = total_steps(cfg, len(data.train))
-    o = cfg.optim
     schedule = make_schedule(o, steps)
     scheduler = build_scheduler(optimizer, schedule)
     scaler = torch.amp.GradScaler(dev.type, enabled=tc.amp == "fp16")
@@ -429,8 +428,7 @@ def _train(
             step += 1
             for t, v in step_losses.items():
                 window[t] = window.get(t, 0.0) + v
-            if regularizer is not None:
-                window_aux += step_aux
+            window_aux += step_aux
             window_n += 1
             loss_sum = sum(step_losses.values())
             lr = optimizer.param_groups[0]["lr"]

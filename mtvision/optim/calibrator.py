@@ -132,7 +132,16 @@ def _task_order(losses: Mapping[str, Tensor]) -> list[str]:
     return list(losses)
 
 
-def _accumulate(params: Sequence[nn.Parameter], grads: Sequence[Tensor | None]) -> None:
+def split_flat(flat: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
+    """Views of a flat vector shaped like each of `params`, in order."""
+    out, offset = [], 0
+    for p in params:
+        out.append(flat[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
+    return out
+
+
+def accumulate_grads(params: Sequence[nn.Parameter], grads: Sequence[Tensor | None]) -> None:
     for p, g in zip(params, grads):
         if g is None:
             continue
@@ -218,7 +227,7 @@ class GradientCalibrator:
                 raise CalibrationError(f"task {t!r} has no gradient path to the shared representation")
             per_task.append([torch.zeros_like(r) if g is None else g for r, g in zip(reps, rep_grads)])
             per_task_after.append(grads[n : n + len(after)])
-            _accumulate(heads[t], grads[n + len(after) :])
+            accumulate_grads(heads[t], grads[n + len(after) :])
         world = tdist.get_world_size() if _distributed() else 1
         gramian = _blockwise_gramian(per_task) / loss_scale**2
         if world > 1:
@@ -234,7 +243,7 @@ class GradientCalibrator:
         for i, p in enumerate(after):
             parts = [float(w) * gs[i] for w, gs in zip(weights, per_task_after) if gs[i] is not None]
             if parts:
-                _accumulate([p], [sum(parts)])
+                accumulate_grads([p], [sum(parts)])
         if self.level == "fuller":
             self._fuller(reps, combined, world)
         else:
@@ -254,7 +263,7 @@ class GradientCalibrator:
             if all(g is None for g in grads[: len(shared)]):
                 raise CalibrationError(f"task {t!r} has no gradient path to the shared parameters")
             torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(shared, grads)], out=flat[i])
-            _accumulate(heads[t], grads[len(shared) :])
+            accumulate_grads(heads[t], grads[len(shared) :])
         world = tdist.get_world_size() if _distributed() else 1
         if world > 1:
             _all_reduce_sum(flat)
@@ -267,11 +276,8 @@ class GradientCalibrator:
         else:
             weights = self._weights(gramian, finite)
             combined_flat = weights.to(flat) @ flat
-        offset = 0
-        for p in shared:  # the combined gradient's slices become the gradients (no copy when there are none yet)
-            part = combined_flat[offset : offset + p.numel()].view_as(p)
+        for p, part in zip(shared, split_flat(combined_flat, shared)):  # slices become the gradients: no copy
             p.grad = part if p.grad is None else p.grad + part
-            offset += p.numel()
         self.synced_parameters = shared
         return _stats(names, weights, gramian, finite)
 
@@ -304,7 +310,7 @@ class GradientCalibrator:
         between = [p for p in self.model.shared_parameters() if p.requires_grad and id(p) not in below]
         grads = torch.autograd.grad(reps, branches + between, grad_outputs=combined, retain_graph=True, allow_unused=True)
         branch_grads = [torch.zeros_like(b) if g is None else g for b, g in zip(branches, grads[: len(branches)])]
-        _accumulate(between, grads[len(branches) :])
+        accumulate_grads(between, grads[len(branches) :])
         sq = torch.stack([g.double().pow(2).sum() for g in branch_grads])
         if world > 1:
             _all_reduce_sum(sq)

@@ -31,11 +31,12 @@ from mtvision.optim.calibrator import (
     CalibrationError,
     CalibrationStats,
     GradDrop,
-    _accumulate,
     _all_reduce_sum,
     _distributed,
     _stats,
     _task_order,
+    accumulate_grads,
+    split_flat,
 )
 
 Recompute = Callable[[str], Tensor]
@@ -99,10 +100,10 @@ class SharpnessAwareCalibrator:
         else:
             w_loss = w_flat = torch.ones(len(names), dtype=torch.float64)
         update = (w_loss.to(loss_rows) @ loss_rows + w_flat.to(flat_rows) @ flat_rows) * loss_scale
-        _accumulate(shared, _split(update, shared))
+        accumulate_grads(shared, split_flat(update, shared))
         # 4. heads: their own SAM gradient
         for t, s in zip(names, sam):
-            _accumulate(heads[t], _split(s[n:] * loss_scale, heads[t]))
+            accumulate_grads(heads[t], split_flat(s[n:] * loss_scale, heads[t]))
         self.synced_parameters = shared + [p for t in names for p in heads[t]]
         return _stats(names, w_loss, k_loss, finite)
 
@@ -110,7 +111,7 @@ class SharpnessAwareCalibrator:
         norm = grad.double().norm()
         if not float(norm) > 0:
             return grad.clone()
-        eps = _split(grad * (self.rho / float(norm)), params)
+        eps = split_flat(grad * (self.rho / float(norm)), params)
         saved = [p.detach().clone() for p in params]  # restored exactly (θ + ε − ε is not θ in floats)
         buffers = [b.detach().clone() for b in self.model.buffers()]
         with torch.no_grad():
@@ -133,12 +134,4 @@ def _flat(params, grads, world: int) -> Tensor:
     if world > 1:
         _all_reduce_sum(out)
         out /= world
-    return out
-
-
-def _split(flat: Tensor, params) -> list[Tensor]:
-    out, offset = [], 0
-    for p in params:
-        out.append(flat[offset : offset + p.numel()].view_as(p))
-        offset += p.numel()
     return out
