@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from torch import nn
 
 from mtvision.engine import distributed as D
 from mtvision.engine.distributed import DistInfo, DistributedError, init_distributed
+from tests.gloo import free_port
 
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -124,12 +124,6 @@ def test_unwrap_model_sees_through_torch_compile_and_data_parallel() -> None:
     assert D.unwrap_model(inner) is inner
     assert D.unwrap_model(nn.DataParallel(inner)) is inner
     assert D.unwrap_model(torch.compile(nn.DataParallel(inner))) is inner
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _worker(local_rank: int, port: int, world: int, out_dir: str) -> None:

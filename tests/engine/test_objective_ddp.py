@@ -4,15 +4,11 @@ the sharpness-aware step), and one rank's non-finite loss makes every rank skip 
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
-from safetensors.torch import load_file, save_file
 
 from mtvision.engine.objective import build_objective
 from mtvision.models.registry import create_model
-from tests.engine.test_trainer import _free_port
+from tests.gloo import run_on_ranks
 
 TASKS = {"semseg": 3, "depth": None}
 CASES = {"params": {"calibration": "mgda", "level": "params"},
@@ -54,21 +50,8 @@ def _gradients(rows: slice, reg_factors: list[float]) -> dict[str, torch.Tensor]
     return out
 
 
-def _worker(rank: int, world: int, port: int, folder: str) -> None:
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        save_file(_gradients(slice(2 * rank, 2 * rank + 2), [0.1 * (rank + 1)]), str(Path(folder) / f"rank{rank}.safetensors"))
-    finally:
-        torch.distributed.destroy_process_group()
-
-
 def test_regularizer_gradients_are_averaged_and_ranks_agree(tmp_path):
-    ctx = torch.multiprocessing.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False, start_method="fork")
-    while not ctx.join(timeout=120):
-        pass
-    r0, r1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
+    r0, r1 = run_on_ranks(lambda rank: _gradients(slice(2 * rank, 2 * rank + 2), [0.1 * (rank + 1)]), 2, tmp_path)
     assert r0.keys() == r1.keys()
     for key in r0:  # both ranks step with the same gradient
         torch.testing.assert_close(r0[key], r1[key], rtol=0, atol=0, msg=lambda m, key=key: f"{key}: {m}")

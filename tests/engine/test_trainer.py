@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import torch
 from mtvision.config import ExperimentConfig, from_dict
 from mtvision.engine.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
 from mtvision.engine.trainer import TrainingError, train
+from tests.gloo import free_port
 
 
 def tiny_config(out: Path, backbone: str = "test_resnet", **sections) -> ExperimentConfig:
@@ -156,12 +156,6 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
         torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(
         {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world),
@@ -176,7 +170,7 @@ def test_ddp_two_processes_of_batch_4_match_one_process_of_batch_8(tmp_path):
     single = tiny_config(tmp_path / "single", backbone="test_convnext", model=GROUP_NORM, data=NO_PADDING, train={"iterations": 3, "eval_interval": 3, "batch_size": 8, "deterministic": False})
     train(single, device="cpu")
     ctx = torch.multiprocessing.start_processes(
-        _ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=False, start_method="fork"
+        _ddp_worker, args=(2, free_port(), str(tmp_path / "ddp")), nprocs=2, join=False, start_method="fork"
     )
     while not ctx.join(timeout=120):
         pass

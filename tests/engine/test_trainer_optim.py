@@ -16,7 +16,8 @@ from mtvision.config import ConfigError
 from mtvision.engine.checkpoint import load_checkpoint
 from mtvision.engine.trainer import train
 from mtvision.errors import UnknownNameError
-from tests.engine.test_trainer import GROUP_NORM, NO_PADDING, _free_port, final_weights, tiny_config
+from tests.engine.test_trainer import GROUP_NORM, NO_PADDING, final_weights, tiny_config
+from tests.gloo import free_port
 
 # 16 samples / batch 4 = 4 steps per epoch: 6 steps cross an epoch end (IGB updates there); DWA
 # keeps w = 1 for two epochs, so its run has 2 steps per epoch (8 samples, batch 2, 2 micro-batches)
@@ -147,7 +148,7 @@ def test_ddp_with_uncertainty_weighting_and_mgda_matches_one_process(tmp_path, l
                          train={"iterations": 3, "eval_interval": 3, "batch_size": 8, "deterministic": False})
     train(single, device="cpu")
     ctx = torch.multiprocessing.start_processes(
-        _ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp"), optim), nprocs=2, join=False, start_method="fork"
+        _ddp_worker, args=(2, free_port(), str(tmp_path / "ddp"), optim), nprocs=2, join=False, start_method="fork"
     )
     while not ctx.join(timeout=120):
         pass

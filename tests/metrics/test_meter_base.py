@@ -1,5 +1,4 @@
 import os
-import socket
 
 import pytest
 import torch
@@ -7,6 +6,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mtvision.metrics import BoundaryMeter, DepthMeter, Meter, NormalsMeter, SaliencyMeter, SegmentationMeter
+from tests.gloo import free_port
 
 ALL = [lambda: SegmentationMeter(3), DepthMeter, NormalsMeter, SaliencyMeter, lambda: BoundaryMeter(thresholds=5)]
 
@@ -51,9 +51,7 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
 
 @pytest.mark.slow
 def test_all_reduce_sums_over_two_gloo_ranks():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     mp.start_processes(_worker, args=(2, port, queue), nprocs=2, join=True, start_method="spawn")

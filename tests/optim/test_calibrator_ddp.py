@@ -3,17 +3,13 @@ with batch 4: features through one T x T all-reduce, params through averaged per
 
 from __future__ import annotations
 
-import os
-import socket
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from mtvision.engine.objective import average_gradients
 from mtvision.models.registry import create_model
 from mtvision.optim.calibrator import make_calibrator
+from tests.gloo import run_on_ranks
 
 TASKS = {"semseg": 3, "depth": None, "normals": None}
 CASES = [(m, "features") for m in ("ew", "mgda", "pcgrad", "cagrad", "imtl_g", "nash_mtl", "aligned_mtl", "upgrad", "gradvac", "graddrop")]
@@ -60,32 +56,10 @@ def _gradients(rows: slice) -> dict[str, torch.Tensor]:
     return out
 
 
-def _worker(rank: int, world: int, port: int, folder: str) -> None:
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        grads = _gradients(slice(2 * rank, 2 * rank + 2))
-        if rank == 0:
-            save_file(grads, str(Path(folder) / "ddp.safetensors"))
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_of_batch_2_equal_one_process_of_batch_4(tmp_path):
     want = _gradients(slice(0, 4))
-    ctx = torch.multiprocessing.start_processes(
-        _worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False, start_method="fork"
-    )
-    while not ctx.join(timeout=120):
-        pass
-    got = load_file(str(tmp_path / "ddp.safetensors"))
+    got, other = run_on_ranks(lambda rank: _gradients(slice(2 * rank, 2 * rank + 2)), 2, tmp_path)
+    assert other.keys() == got.keys() and all(torch.equal(other[k], got[k]) for k in got)  # ranks agree
     assert got.keys() == want.keys()
     for method, level in CASES:
         keys = [k for k in want if k.startswith(f"{method}/{level}/")]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from mtvision.search.config import SearchConfig
 from mtvision.search.flops import BudgetError
 from mtvision.search.runner import SearchFolderError, search
 from mtvision.search.spec import BranchingSpec
+from tests.gloo import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -126,12 +126,6 @@ def test_shipped_search_configs_validate_and_give_training_configs(name):
         assert cfg.model["backbone"]["weights"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
@@ -142,7 +136,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 
 def test_ddp_ranks_keep_bit_identical_architecture_parameters(tmp_path):
     ctx = torch.multiprocessing.start_processes(
-        _ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=False, start_method="fork"
+        _ddp_worker, args=(2, free_port(), str(tmp_path / "ddp")), nprocs=2, join=False, start_method="fork"
     )
     while not ctx.join(timeout=120):
         pass
