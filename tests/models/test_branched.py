@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from mtvision.models import BackboneError, create_backbone, create_model
 from mtvision.models.branched import BranchedDecoder, backbone_stages, run_stages, split_stages
 from mtvision.search.spec import BranchingSpec, SpecError
+from tests.models.learning import adam_steps
 
 TASKS = ("semseg", "depth", "normals", "edge")
 MIXED = {
@@ -256,17 +257,12 @@ def test_branched_model_learns(synthetic_batch):
     )
     images = synthetic_batch["image"][:4]
     loss_fn = lambda: sum(model.tasks[t].loss(o, synthetic_batch[t][:4]) for t, o in model(images).items())  # noqa: E731
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    first = loss_fn()
-    first.backward()
-    assert all(p.grad is not None for p in model.parameters())
-    opt.step()
-    for _ in range(3):
-        opt.zero_grad()
-        loss_fn().backward()
-        opt.step()
-    with torch.no_grad():
-        assert loss_fn().item() < first.item() * 0.95
+
+    def every_parameter_has_a_gradient() -> None:
+        assert all(p.grad is not None for p in model.parameters())
+
+    first, last = adam_steps(model, loss_fn, steps=4, after_first_backward=every_parameter_has_a_gradient)
+    assert last < first * 0.95
 
 
 # ---------------------------------------------------------------------------------------------- bad input
