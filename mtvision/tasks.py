@@ -11,6 +11,7 @@ Target layouts in a batch (see DESIGN.md, Sample contract):
     normals:       float32 N x 3 x H x W unit vectors, zero vector = invalid
     edge:          float32 N x 1 x H x W in {0, 1}, 255 = ignore
     saliency:      float32 N x 1 x H x W in {0, 1}
+    texture:       int64 N x H x W in {0, 1} (synthetic only), 255 = ignore
 """
 
 from __future__ import annotations
@@ -259,6 +260,18 @@ TASKS: dict[str, Task] = {
             is_label_map=False,
             target_channels=1,
             pad_value=0.0,
+        ),
+        Task(  # the synthetic scenes' accent-pattern mask: a deliberately unrelated task (sanity checks)
+            name="texture",
+            out_channels=2,
+            loss=segmentation_loss,
+            decode=argmax_decode,
+            colorize=visualize.colorize_labels,
+            new_meter_fn=_segmentation_meter,
+            primary_metric="mIoU",
+            is_label_map=True,
+            target_channels=0,
+            pad_value=IGNORE_INDEX,
         ),
     )
 }

@@ -8,9 +8,9 @@ from mtvision import tasks as T
 from mtvision.errors import UnknownNameError
 
 
-def test_registry_has_the_six_tasks_with_their_channels():
-    assert T.list_tasks() == ["semseg", "depth", "normals", "edge", "parts", "saliency"]
-    assert [T.get_task(n).out_channels for n in ("depth", "normals", "edge", "saliency", "parts")] == [1, 3, 1, 1, 7]
+def test_registry_has_the_six_tasks_and_the_synthetic_texture_task_with_their_channels():
+    assert T.list_tasks() == ["semseg", "depth", "normals", "edge", "parts", "saliency", "texture"]
+    assert [T.get_task(n).out_channels for n in ("depth", "normals", "edge", "saliency", "parts", "texture")] == [1, 3, 1, 1, 7, 2]
     assert T.get_task("semseg", num_classes=21).out_channels == 21
     assert T.resolve_tasks(["semseg", "depth"], {"semseg": 10})["semseg"].out_channels == 10
 

@@ -6,6 +6,9 @@ per pixel, the z-depth in metres, the camera-frame surface normal, the semantic 
 instance.  The RGB image comes from per-instance procedural textures whose colour ranges overlap
 between classes, Lambertian shading from a few point lights and sensor noise.  Boundaries are the
 instance, depth and normal discontinuities; saliency is the mask of the furniture objects.
+`texture` is a deliberately unrelated task for sanity checks (e.g. of branching search): the mask of
+the pixels painted in their surface's accent colour, a random pattern per instance that says
+nothing about class or geometry.
 
 Conventions: world z is up; the camera frame is OpenCV's (x right, y down, z forward); normals
 face the camera; depth is the z coordinate in the camera frame (like a Kinect depth map).
@@ -408,6 +411,7 @@ class Render:
     semseg: np.ndarray
     instance: np.ndarray
     image: np.ndarray
+    accent: np.ndarray  # H x W bool: painted in the surface's accent colour (pattern amount >= 0.5)
 
 
 def render(scene: Scene, cam: Camera, height: int, width: int, rng: np.random.Generator) -> Render:
@@ -454,16 +458,20 @@ def render(scene: Scene, cam: Camera, height: int, width: int, rng: np.random.Ge
 
     points = o[:, None] + d * t
     normals_cam = (cam.rotation.T @ normal).reshape(3, height, width)
-    image = _shade(scene, points, normal, instance, rng).reshape(height, width, 3)
+    image, amount = _shade(scene, points, normal, instance, rng)
     semseg = scene.instance_class[instance].reshape(height, width)
-    return Render(t2.copy(), normals_cam, semseg, inst2.copy(), image)
+    accent = (amount >= 0.5).reshape(height, width)
+    return Render(t2.copy(), normals_cam, semseg, inst2.copy(), image.reshape(height, width, 3), accent)
 
 
 _NOISE = np.random.default_rng(12345).standard_normal(1 << 20, dtype=np.float32)  # a fixed table of sensor noise
 
 
-def _shade(scene: Scene, points: np.ndarray, normal: np.ndarray, instance: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Textured Lambertian shading with sensor noise: N x 3 uint8 (points, normal: 3 x N)."""
+def _shade(
+    scene: Scene, points: np.ndarray, normal: np.ndarray, instance: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Textured Lambertian shading with sensor noise: N x 3 uint8 (points, normal: 3 x N), and the
+    per-pixel pattern amount in [0, 1] (0: base colour, 1: accent colour)."""
     n = points.shape[1]
     tex = np.take(scene.textures, instance, axis=1)  # per-pixel texture parameters, K x N
     base, accent, mix, freq, axis = tex[0:3], tex[3:6], tex[6:10], tex[10], tex[11:14]
@@ -484,7 +492,7 @@ def _shade(scene: Scene, points: np.ndarray, normal: np.ndarray, instance: np.nd
     rgb = np.sqrt(np.clip(albedo * light, 0.0, 1.0)) * np.float32(255.0)  # gamma 2
     start = int(rng.integers(0, _NOISE.size - 3 * n))
     rgb += _NOISE[start : start + 3 * n].reshape(3, n) * np.float32(3.0)  # sensor noise
-    return np.clip(rgb, 0, 255).astype(np.uint8).T
+    return np.clip(rgb, 0, 255).astype(np.uint8).T, amount
 
 
 def boundaries(depth: np.ndarray, normals: np.ndarray, instance: np.ndarray, depth_jump: float = 0.06, normal_angle: float = 30.0) -> np.ndarray:
@@ -518,6 +526,7 @@ def generate(seed: int, index: int, height: int = 128, width: int = 160) -> dict
         "normals": np.ascontiguousarray(view.normals_cam.transpose(1, 2, 0), dtype=np.float32),
         "edge": boundaries(view.depth, view.normals_cam, view.instance),
         "saliency": _SALIENT[view.semseg],
+        "texture": view.accent.astype(np.uint8),
         "meta": {"id": f"{seed:04d}_{index:06d}", "size": (height, width)},
     }
 
@@ -525,8 +534,8 @@ def generate(seed: int, index: int, height: int = 128, width: int = 160) -> dict
 class SyntheticScenes(MultiTaskDataset):
     """`num_samples` procedural indoor scenes at height x width; sample i is `generate(seed, i)`."""
 
-    available_tasks: ClassVar[tuple[str, ...]] = ("semseg", "depth", "normals", "edge", "saliency")
-    num_classes: ClassVar[dict[str, int]] = {"semseg": len(CLASS_NAMES)}
+    available_tasks: ClassVar[tuple[str, ...]] = ("semseg", "depth", "normals", "edge", "saliency", "texture")
+    num_classes: ClassVar[dict[str, int]] = {"semseg": len(CLASS_NAMES), "texture": 2}
     class_names: ClassVar[tuple[str, ...]] = CLASS_NAMES
     boundary_tolerance: ClassVar[float] = 0.011
 

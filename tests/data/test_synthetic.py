@@ -22,7 +22,7 @@ def _world_points(cam, depth):
 
 def test_deterministic_in_seed_and_index():
     a, b = S.generate(0, 7), S.generate(0, 7)
-    for key in ("image", "semseg", "depth", "normals", "edge", "saliency"):
+    for key in ("image", "semseg", "depth", "normals", "edge", "saliency", "texture"):
         np.testing.assert_array_equal(a[key], b[key])
     assert not np.array_equal(S.generate(0, 8)["depth"], a["depth"])
     assert not np.array_equal(S.generate(1, 7)["depth"], a["depth"])
@@ -131,6 +131,32 @@ def test_colour_alone_does_not_give_the_class_away():
     recall = per_class_correct / np.maximum(counts.sum(0), 1)
     present = counts.sum(0) > 0
     assert recall[present].mean() < 0.6
+
+
+def test_texture_is_visible_in_the_image_but_unrelated_to_the_class():
+    """The texture task (accent-colour mask) is learnable from colour within a surface, yet knowing
+    the class of a pixel predicts it no better than the majority label."""
+    accuracies, textures, classes = [], [], []
+    for index in range(30):
+        scene, _, view = _render(index, seed=4)
+        image, label, instance = view.image.reshape(-1, 3).astype(np.float64), view.accent.ravel(), view.instance.ravel()
+        textures.append(label)
+        classes.append(view.semseg.ravel())
+        for i in np.unique(instance):
+            mask, y = instance == i, label[instance == i]
+            base, accent = scene.textures[0:3, i], scene.textures[3:6, i]
+            if min(y.sum(), (~y).sum()) < 30 or np.linalg.norm(base - accent) < 0.2:
+                continue
+            chroma = image[mask] / np.maximum(image[mask].sum(1, keepdims=True), 1)
+            near_accent = ((chroma - chroma[y].mean(0)) ** 2).sum(1) < ((chroma - chroma[~y].mean(0)) ** 2).sum(1)
+            accuracies.append((near_accent == y).mean())
+    assert len(accuracies) > 30 and np.mean(accuracies) > 0.75
+    t, c = np.concatenate(textures), np.concatenate(classes)
+    majority = max(t.mean(), 1 - t.mean())
+    per_class_majority = sum(max(t[c == k].sum(), (~t[c == k]).sum()) for k in np.unique(c)) / len(t)
+    assert per_class_majority < majority + 0.03
+    s = S.generate(0, 3)
+    assert s["texture"].dtype == np.uint8 and set(np.unique(s["texture"])) == {0, 1}
 
 
 def test_any_resolution():
