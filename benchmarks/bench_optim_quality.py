@@ -55,9 +55,18 @@ DECODERS = {  # name -> overrides (same budget, EW, no calibration)
     "InvPT (128 ch)": ["model.decoder=invpt", "model.decoder_options={task_channels: 128, prediction_channels: 32}"],
     "MMoE": ["model.decoder=mmoe", "model.decoder_options={num_experts: 8, expert_channels: 64}"],
     "TaskExpert": ["model.decoder=taskexpert"],
+    "TaskExpert + balance (0.01)": ["model.decoder=taskexpert", "model.decoder_options={balance_weight: 0.01}"],
     "M3ViT (ViT-Tiny)": [
         "model.backbone={name: vit_tiny_patch16_224, kwargs: {img_size: [96, 128], dynamic_img_size: true}}",
         "model.decoder=m3vit",
+    ],
+    "TaskPrompter (ViT-Tiny)": [  # read-outs at the token width, then HPS's neck and head widths (defaults: 768)
+        "model.backbone={name: vit_tiny_patch16_224, kwargs: {img_size: [96, 128], dynamic_img_size: true}}",
+        "model.decoder=taskprompter",
+        "model.decoder_options={feature_channels: 192, embed_channels: 128, head_channels: 64}",
+    ],
+    "HPS (ViT-Tiny)": [  # the same-backbone baseline of the ViT rows
+        "model.backbone={name: vit_tiny_patch16_224, kwargs: {img_size: [96, 128], dynamic_img_size: true}}",
     ],
 }
 
@@ -76,11 +85,12 @@ def test_metrics(run: Path) -> dict[str, dict[str, float]] | None:
     return out or None
 
 
-def run(name: str, overrides: list[str], out: Path) -> dict[str, dict[str, float]]:
+def run(name: str, overrides: list[str], out: Path, config: str = CONFIG) -> dict[str, dict[str, float]]:
+    """`mtv-train config` at the fixed budget with `overrides` into `out` (reused when finished)."""
     done = test_metrics(out)
     if done is not None:
         return done
-    cmd = [sys.executable, "-m", "mtvision.cli.train", CONFIG, *BUDGET, *overrides, f"output_dir={out}", "--overwrite"]
+    cmd = [sys.executable, "-m", "mtvision.cli.train", config, *BUDGET, *overrides, f"output_dir={out}", "--overwrite"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
@@ -114,7 +124,10 @@ def main() -> None:
                 [f"data.tasks=[{task}]", f"optim.loss_weights={weights}", f"train.seed={seed}"], root / f"single-{task}-s{seed}"
             )
         for method in args.methods:
-            folder = method if args.suite == "optim" else "decoder-" + method.split(" ")[0]
+            folder = method if args.suite == "optim" else "decoder-" + (  # the whole name where first words clash
+                "-".join(w.strip("()") for w in method.split() if w != "+")
+                if sum(m.split(" ")[0] == method.split(" ")[0] for m in suite) > 1 else method.split(" ")[0]
+            )
             folder = "EW" if method == "HPS" else folder  # the same run as the optimiser suite's EW
             jobs[(method, seed)] = ([*suite[method], f"train.seed={seed}"], root / f"{folder}-s{seed}")
     print(f"{len(jobs)} runs, {args.jobs} at a time, in {root}", flush=True)

@@ -1,4 +1,5 @@
-"""TaskExpert decoder: hand-computed memorial gating, memory, task subsets, gradients, padding, learning."""
+"""TaskExpert decoder: hand-computed memorial gating, memory, task subsets, gradients, padding, learning,
+and the optional balancing loss."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from mtvision.errors import MTVisionError
 from mtvision.models import create_model
 from mtvision.models.decoders.cross_task_attention import DecoderStrideError
 from mtvision.models.decoders.task_expert import TaskExpertDecoder, to_grid
+from mtvision.models.moe import MoEError
 from tests.models.learning import adam_steps
 
 TASKS3 = ("semseg", "depth", "normals")
@@ -238,6 +240,78 @@ def test_taskexpert_learns(synthetic_batch):
 
     first, last = adam_steps(model, total, steps=5)
     assert last < first * 0.95
+
+
+def _gate_inputs(dec):
+    """Records the input of each gate's first call per forward, keyed (layer, task)."""
+    seen = {}
+    for layer, gates in enumerate(dec.gates):
+        for t, gate in gates.items():
+            gate.register_forward_pre_hook(lambda _, args, k=(layer, t): seen.setdefault(k, args[0].detach()))
+    return seen
+
+
+def test_balance_loss_is_the_weighted_sum_of_cv2_of_the_experts_importance():
+    model = _model(balance_weight=0.5).train()
+    dec = model.decoder
+    seen = _gate_inputs(dec)
+    out = model(torch.randn(2, 3, 32, 48))
+    expected, with_memory = 0.0, 0.0
+    with torch.no_grad():
+        for (layer, t), inputs in seen.items():
+            conv = dec.gates[layer][t]
+            logits = torch.einsum("oc,nchw->nohw", conv.weight[:, :, 0, 0], inputs) + conv.bias.view(1, -1, 1, 1)
+            mass = torch.softmax(logits, dim=1).mean(dim=(0, 2, 3))
+            imp = mass[:E]  # the memory slot (layers >= 1) is not balanced
+            expected = expected + 0.5 * imp.var(unbiased=False) / imp.mean() ** 2
+            with_memory = with_memory + 0.5 * mass.var(unbiased=False) / mass.mean() ** 2
+    assert len(seen) == 4 * len(TASKS3)  # summed over every layer and task
+    torch.testing.assert_close(out["moe_aux_loss"].detach(), expected, atol=1e-6, rtol=1e-4)
+    assert expected > 1e-4 and abs(float(with_memory - expected)) > 1e-3 * float(expected)  # the test can tell
+
+
+def test_balance_loss_is_absent_by_default_in_eval_and_with_one_expert():
+    x = torch.randn(2, 3, 32, 48)
+    assert "moe_aux_loss" not in _model().train()(x)  # the paper: task losses only
+    assert "moe_aux_loss" not in _model(balance_weight=0.1).eval()(x)
+    assert "moe_aux_loss" not in _model(balance_weight=0.1, num_experts=1).train()(x)
+    sub = _model(balance_weight=0.1).train()(x, tasks=["depth"])
+    assert set(sub) == {"depth", "moe_aux_loss"} and sub["moe_aux_loss"] > 0
+
+
+def test_balance_loss_leaves_the_predictions_unchanged():
+    plain, balanced = _model().train(), _model(balance_weight=1.0).train()
+    balanced.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 32, 48)
+    a, b = plain(x), balanced(x)
+    for t in TASKS3:
+        torch.testing.assert_close(a[t], b[t])
+
+
+def test_balance_loss_gradient_reaches_the_gates_only():
+    model = _model(balance_weight=0.5).train()
+    dec = model.decoder
+    out = model(torch.randn(2, 3, 32, 48), tasks=["depth", "normals"])
+    out["moe_aux_loss"].backward()
+    gates = {id(p) for layer in dec.gates for t in ("depth", "normals") for p in layer[t].parameters()}
+    for name, p in model.named_parameters():
+        if id(p) in gates:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:  # heads, memory writes, experts, backbone, and the semseg gates
+            assert p.grad is None or p.grad.abs().sum() == 0, name
+
+
+def test_balance_loss_alone_evens_the_gates():
+    model = _model(balance_weight=1.0).train()
+    x = torch.randn(2, 3, 32, 48)
+    first, last = adam_steps(model, lambda: model(x)["moe_aux_loss"], steps=5)
+    assert last < first * 0.5
+
+
+def test_negative_balance_weight_is_a_clear_error():
+    with pytest.raises(MoEError, match="balance_weight must be >= 0") as info:
+        _model(balance_weight=-0.1)
+    assert isinstance(info.value, MTVisionError)
 
 
 def test_unknown_option_names_the_closest():

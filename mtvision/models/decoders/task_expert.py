@@ -10,6 +10,13 @@ For each backbone layer l (fine to coarse, all brought to one grid of stride `fe
     write        M_t^l = M_t^{l-1} + BN(V_t^l · F_t^l)                 (M_t^0 = BN(V_t^0 · F_t^0))
 
 and task t's head reads the last memory M_t^{L-1}.
+
+Optional balancing loss (not in the paper; `balance_weight` > 0): in training,
+
+    aux = balance_weight · Σ_l Σ_t cv²(I_t^l),    I_{t,e}^l = mean over images and pixels of g_{t,e}^l
+
+over the E experts only (the memory slot is left out: it is the task's own carried feature, not
+an expert to balance), returned as `outputs["moe_aux_loss"]`.
 """
 
 from __future__ import annotations
@@ -23,8 +30,10 @@ from torch import Tensor, nn
 from mtvision.models.decoders.base import BackboneFactory, MultiTaskDecoder
 from mtvision.models.decoders.cross_task_attention import DecoderStrideError, check_strides, crop_to, pad_to_multiple
 from mtvision.models.heads import TaskHead, make_norm, resize_to
-from mtvision.models.moe import MoEError
+from mtvision.models.moe import MoEError, cv_squared
 from mtvision.tasks import Task
+
+MOE_AUX_LOSS = "moe_aux_loss"  # the trainer adds it to the total loss, outside the task weighting
 
 
 def to_grid(x: Tensor, size: Sequence[int]) -> Tensor:
@@ -64,8 +73,15 @@ class TaskExpertDecoder(MultiTaskDecoder):
 
     Layers: the backbone's returned levels (`backbone.out_indices`); ViT configs take 4 evenly spaced
     blocks of ViT-L (6/12/18/24, as InvPT, the authors' previous model), CNNs their stages, which
-    are resampled to one grid.  No deep supervision and no auxiliary MoE loss (the paper trains with
-    the task losses only, as far as we could verify).
+    are resampled to one grid.  No deep supervision, and by default no auxiliary MoE loss (the paper
+    trains with the task losses only, as far as we could verify).
+
+    Balancing (ours, not in the paper): `balance_weight` > 0 adds, in training, the importance loss
+    of Shazeer et al. (ICLR 2017) for every layer and task, summed (as M3ViT sums its MoE layers),
+    as `outputs["moe_aux_loss"]` (absent when the weight is 0, in eval, or with one expert).  The
+    importance of expert e is its gate weight averaged over images and pixels; the memory slot is
+    excluded.  The loss recomputes the gates on detached inputs, so its gradient reaches only the
+    gate convolutions: it changes the routing, not the features the gates read.
 
     Defaults and where they come from (the paper's text was not available to check and its code was
     never released, prismformore/Multi-Task-Transformer#28; treat the numbers as ours):
@@ -77,6 +93,7 @@ class TaskExpertDecoder(MultiTaskDecoder):
             upsampling; the ViT-L configs use 4, like InvPT's output).
         head_channels: hidden width of each task head (3x3 conv-norm-ReLU then 1x1), 64 (ours).
         norm: "bn" (the paper's experts are linear-BN-ReLU) or "gn".
+        balance_weight: weight of the balancing loss above (0: none, as in the paper).
 
     Shared representation: the backbone feature maps of the last forward (every task's gates and
     experts read every level).  The expert banks after them are shared parameters that no single
@@ -96,10 +113,13 @@ class TaskExpertDecoder(MultiTaskDecoder):
         head_stride: int | None = None,
         head_channels: int = 64,
         norm: str = "bn",
+        balance_weight: float = 0.0,
     ):
         super().__init__(tasks)
         if num_experts < 1:
             raise MoEError(f"num_experts must be >= 1, got {num_experts}")
+        if balance_weight < 0:
+            raise MoEError(f"balance_weight must be >= 0, got {balance_weight}")
         self.backbone = make_backbone()
         strides, in_channels = list(self.backbone.strides), list(self.backbone.channels)
         check_strides(strides, "taskexpert")
@@ -115,7 +135,7 @@ class TaskExpertDecoder(MultiTaskDecoder):
         if head > stride:
             raise DecoderStrideError(f"taskexpert: head_stride={head} is coarser than feature_stride={stride}")
         self.task_names = list(tasks)
-        self.num_experts, self.channels = num_experts, channels
+        self.num_experts, self.channels, self.balance_weight = num_experts, channels, float(balance_weight)
         self.feature_stride, self.output_stride = stride, head
         self.size_divisor = max(max(strides), stride)
         self.num_layers = len(strides)
@@ -139,15 +159,32 @@ class TaskExpertDecoder(MultiTaskDecoder):
         shape = (self.num_layers, len(tasks), num_experts + 1)
         self.register_buffer("usage", torch.zeros(shape, dtype=torch.float64), persistent=False)
         self._shared: list[Tensor] = []
+        self._aux: list[Tensor] = []
         self.last_features: list[dict[str, Tensor]] = []
 
     # ------------------------------------------------------------------ one layer
+    def gate_inputs(self, layer: int, x: Tensor, memory: Tensor | None) -> Tensor:
+        """What the gates of `layer` read: x on layer 0, [x ; M_t^{l-1}] after it."""
+        return x if layer == 0 else torch.cat([x, memory], 1)
+
     def gate_weights(self, layer: int, task: str, x: Tensor, memory: Tensor | None) -> Tensor:
         """Task `task`'s per-pixel softmax weights at `layer`: N x E x H x W on layer 0, N x (E+1) x H x W
         after it (the last channel weighs the memory)."""
-        inputs = x if layer == 0 else torch.cat([x, memory], 1)
-        logits = self.gates[layer][task](inputs)
+        logits = self.gates[layer][task](self.gate_inputs(layer, x, memory))
         return torch.softmax(logits.float(), dim=1).to(x.dtype)
+
+    def balancing(self) -> bool:
+        """Whether this forward adds the balancing loss (training, a positive weight, two experts or more)."""
+        return self.training and self.balance_weight > 0 and self.num_experts > 1
+
+    def balance_loss(self, layer: int, task: str, x: Tensor, memory: Tensor | None) -> Tensor:
+        """balance_weight · cv² of the experts' importance (their gate weight averaged over images and
+        pixels; the memory slot excluded), from the gate recomputed on detached inputs: the gradient
+        reaches the gate convolution only."""
+        inputs = self.gate_inputs(layer, x, memory).detach()
+        logits = self.gates[layer][task](inputs).float()
+        importance = torch.softmax(logits, dim=1)[:, : self.num_experts].mean(dim=(0, 2, 3))
+        return self.balance_weight * cv_squared(importance)
 
     def assemble(
         self, layer: int, x: Tensor, memory: dict[str, Tensor], tasks: Sequence[str]
@@ -159,6 +196,8 @@ class TaskExpertDecoder(MultiTaskDecoder):
         features, written = {}, {}
         for t in tasks:
             g = self.gate_weights(layer, t, x, memory.get(t))
+            if self.balancing():
+                self._aux.append(self.balance_loss(layer, t, x, memory.get(t)))
             f = (g[:, :e].unsqueeze(2) * experts).sum(1)  # faster than einsum on CPU
             if layer:
                 f = f + g[:, e:] * memory[t]
@@ -178,12 +217,16 @@ class TaskExpertDecoder(MultiTaskDecoder):
         self._shared = list(feats)
         grid = (psize[0] // self.feature_stride, psize[1] // self.feature_stride)
         memory: dict[str, Tensor] = {}
-        self.last_features = []
+        self.last_features, self._aux = [], []
         for layer, feat in enumerate(feats):
             features, memory = self.assemble(layer, to_grid(feat, grid), memory, tasks)
             self.last_features.append({t: f.detach() for t, f in features.items()})
         head_grid = (psize[0] // self.output_stride, psize[1] // self.output_stride)
-        return {t: crop_to(self.heads[t](resize_to(memory[t], head_grid)), psize, size) for t in tasks}
+        out = {t: crop_to(self.heads[t](resize_to(memory[t], head_grid)), psize, size) for t in tasks}
+        if self._aux:
+            out[MOE_AUX_LOSS] = torch.stack(self._aux).sum()
+            self._aux = []
+        return out
 
     # ------------------------------------------------------------------ contract
     def shared_representation(self) -> list[Tensor]:
