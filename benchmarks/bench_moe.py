@@ -2,10 +2,13 @@
 
     OMP_NUM_THREADS=1 python benchmarks/bench_moe.py [--tokens 4096 --dim 192 --experts 16]
     python benchmarks/bench_moe.py --device cuda                   # on a GPU
+    python benchmarks/bench_moe.py --skip-m3vit --dispatch grouped # part (a) only, one dispatch form
 
-(a) `MoE` (E experts of hidden h, top-k, batched dispatch) against one dense Linear-GELU-Linear MLP
-    of hidden k·h (the same active parameters per token), forward and forward+backward, for k = 4
-    and k = 1, without a capacity limit and with capacity factor 1.25.  Goal: MoE/dense <= 1.5x.
+(a) `MoE` (E experts of hidden h, top-k) against one dense Linear-GELU-Linear MLP of hidden k·h (the
+    same active parameters per token), forward and forward+backward, for k = 4 and k = 1, without a
+    capacity limit and with capacity factor 1.25, for each dispatch form asked (`--dispatch`,
+    default both "grouped" and "batched", timed in the same interleaved turns, with the same
+    weights).  Goal: MoE/dense <= 1.5x.
 (b) M3ViT on ViT-Tiny/16 at 128x160 with T = 3 tasks (16 experts, top-4, experts of hidden d):
     FLOPs (torch.utils.flop_counter) of the whole model and of the routed part (the blocks from
     the first MoE block on) for all tasks against one task, and images/s of both.  Goal: the
@@ -31,7 +34,7 @@ from torch import nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from mtvision.models import create_model  # noqa: E402
-from mtvision.models.moe import MoE  # noqa: E402
+from mtvision.models.moe import DISPATCHES, MoE  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip-m3vit", action="store_true")
+    parser.add_argument(
+        "--dispatch", nargs="+", choices=DISPATCHES, default=["grouped", "batched"], help="MoE dispatch forms (a)"
+    )
     return parser
 
 
@@ -83,52 +89,62 @@ class DenseMLP(nn.Module):
 
 def bench_dispatch(args: argparse.Namespace) -> list[dict]:
     rows = []
+    torch.manual_seed(0)
     x = torch.randn(args.tokens, args.dim, device=args.device)
+    forms = list(dict.fromkeys(args.dispatch))
     for k in args.top_k:
         for cf in (None, 1.25):
-            torch.manual_seed(0)
-            moe = MoE(args.dim, args.expert_hidden, args.experts, k, capacity_factor=cf).to(args.device)
-            with torch.no_grad():  # a trained-looking gate: random, so tokens spread over the experts
-                moe.gate_weight["shared"].normal_(std=0.5)
+            moes = {}
+            for form in forms:  # the same seed: the same weights for every form
+                torch.manual_seed(0)
+                moe = MoE(args.dim, args.expert_hidden, args.experts, k, capacity_factor=cf, dispatch=form)
+                with torch.no_grad():  # a trained-looking gate: random, so tokens spread over the experts
+                    moe.gate_weight["shared"].normal_(std=0.5)
+                moes[form] = moe.to(args.device)
             dense = DenseMLP(args.dim, k * args.expert_hidden).to(args.device)
             xg = x.clone().requires_grad_(True)
 
-            def moe_fwd(moe=moe, x=x):
-                with torch.no_grad():
-                    moe(x)
+            def fwd(module, x=x):
+                def run():
+                    with torch.no_grad():
+                        module(x)
 
-            def dense_fwd(dense=dense, x=x):
-                with torch.no_grad():
-                    dense(x)
+                return run
 
-            def moe_train(moe=moe, xg=xg):
-                out = moe(xg)
-                (out.square().mean() + moe.pop_aux_loss()).backward()
+            def train(module, xg=xg):
+                def run():
+                    out = module(xg)
+                    aux = module.pop_aux_loss() if isinstance(module, MoE) else None
+                    (out.square().mean() + (0 if aux is None else aux)).backward()
 
-            def dense_train(dense=dense, xg=xg):
-                dense(xg).square().mean().backward()
+                return run
 
-            moe.eval()
-            t_eval = interleaved({"moe": moe_fwd, "dense": dense_fwd}, args.repeats, args.device)
-            dropped_eval = moe.last_stats.dropped
-            moe.train()
-            t_train = interleaved({"moe": moe_train, "dense": dense_train}, args.repeats, args.device)
-            rows.append(
-                dict(
-                    top_k=k,
-                    capacity_factor=cf,
-                    dense_hidden=k * args.expert_hidden,
-                    fwd_ms_moe=1e3 * t_eval["moe"],
-                    fwd_ms_dense=1e3 * t_eval["dense"],
-                    fwd_ratio=t_eval["moe"] / t_eval["dense"],
-                    train_ms_moe=1e3 * t_train["moe"],
-                    train_ms_dense=1e3 * t_train["dense"],
-                    train_ratio=t_train["moe"] / t_train["dense"],
-                    dropped_eval=dropped_eval,
-                    capacity=moe.last_stats.capacity,
-                )
+            modules = {**moes, "dense": dense}
+            for moe in moes.values():
+                moe.eval()
+            t_eval = interleaved({n: fwd(m) for n, m in modules.items()}, args.repeats, args.device)
+            stats = {form: moe.last_stats for form, moe in moes.items()}
+            for moe in moes.values():
+                moe.train()
+            t_train = interleaved({n: train(m) for n, m in modules.items()}, args.repeats, args.device)
+            first = stats[forms[0]]
+            row = dict(
+                top_k=k,
+                capacity_factor=cf,
+                dense_hidden=k * args.expert_hidden,
+                capacity=first.capacity,
+                dropped_eval=first.dropped,
+                fwd_ms_dense=1e3 * t_eval["dense"],
+                train_ms_dense=1e3 * t_train["dense"],
             )
-            print(json.dumps(rows[-1]), flush=True)
+            for form in forms:
+                assert stats[form].dropped == first.dropped, "dispatch forms dropped different tokens"
+                row[f"fwd_ms_{form}"] = 1e3 * t_eval[form]
+                row[f"fwd_ratio_{form}"] = t_eval[form] / t_eval["dense"]
+                row[f"train_ms_{form}"] = 1e3 * t_train[form]
+                row[f"train_ratio_{form}"] = t_train[form] / t_train["dense"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     return rows
 
 

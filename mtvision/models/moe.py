@@ -16,12 +16,22 @@ Routing is task-conditioned for multi-task models: `routing="per_task"` keeps on
 concatenated with a learned task embedding (M3ViT's task-conditioned MoE), `routing="shared"` is the
 plain single gate.
 
-Dispatch is batched: the (token, expert) assignments are sorted by expert (stable argsort, so
-earlier top-k ranks and earlier tokens win a place), their position inside the expert decides
-whether they fit the expert's capacity, kept tokens are gathered into an (E, capacity, d) buffer,
-the experts run as two batched matmuls, and the outputs are scattered back weighted by their gate
-values.  Assignments beyond capacity are dropped (their contribution is zero, so a residual
-connection carries the token) and counted in `last_stats`.
+Dispatch: the (token, expert) assignments are sorted by expert (stable argsort, so earlier top-k
+ranks and earlier tokens win a place) and their position inside the expert decides whether they fit
+the expert's capacity.  Assignments beyond capacity are dropped (their contribution is zero, so a
+residual connection carries the token) and counted in `last_stats`.  The kept tokens then run
+through their experts in one of two forms (`dispatch=`), with the same results up to rounding:
+
+- "grouped": the expert-sorted tokens are split into each expert's exact contiguous slice and each
+  expert runs as its own pair of GEMMs (a loop over the E experts, none over tokens).  No padding:
+  the fastest form on CPU, where E small GEMMs cost about what one large one does.
+- "batched": kept tokens are gathered into an (E, capacity, d) buffer padded to the fullest expert
+  (or to the capacity), and the experts run as two batched matmuls: a fixed, small number of kernel
+  launches whatever E (kept as the GPU default), at the price of the work on the padding.
+- "auto" (default): "grouped" for tokens on the CPU, "batched" elsewhere.
+
+Either way the expert outputs are weighted by their gate values and added into their tokens' rows
+with index_add (one per expert in the grouped form, whose (n·k, d) outputs are never materialised).
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ from torch import Tensor, nn
 from mtvision.errors import MTVisionError, unknown_name
 
 ROUTINGS = ("shared", "per_task", "task_embedding")
+DISPATCHES = ("auto", "grouped", "batched")
 
 
 class MoEError(MTVisionError, ValueError):
@@ -53,19 +64,29 @@ def cv_squared(x: Tensor, eps: float = 1e-10) -> Tensor:
     return ((x - mean) ** 2).mean() / (mean**2 + eps)
 
 
-def prob_in_top_k(clean: Tensor, noisy: Tensor, noise_std: Tensor, k: int) -> Tensor:
+def prob_in_top_k(clean: Tensor, noisy: Tensor, noise_std: Tensor, k: int, top: Tensor | None = None) -> Tensor:
     """P(expert e is among the top k of H(x) when only e's noise is redrawn), per token and expert.
 
     `clean`, `noisy`, `noise_std`: N x E logits x·W_g, H(x) and the noise scale.  The threshold that
     e must beat is the k-th largest noisy logit among the *other* experts: the (k+1)-th largest
-    overall when e is currently in the top k, the k-th largest otherwise.
+    overall when e is currently in the top k, the k-th largest otherwise.  `top`: the k+1 largest
+    noisy logits per token (descending), when the caller already has them.
     """
-    top = noisy.topk(k + 1, dim=-1).values
+    top = noisy.topk(k + 1, dim=-1).values if top is None else top
     threshold_in, threshold_out = top[:, k : k + 1], top[:, k - 1 : k]
     is_in = noisy > threshold_in
     threshold = torch.where(is_in, threshold_in, threshold_out)
-    normal = torch.distributions.Normal(clean.new_zeros(()), clean.new_ones(()))
-    return normal.cdf((clean - threshold) / noise_std)
+    return 0.5 * (1 + torch.erf((clean - threshold) / noise_std / math.sqrt(2)))  # standard normal cdf
+
+
+def top_k(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """`logits.topk(k, dim=-1)`; for k = 1 on the CPU a row-wise max (several times faster) when no
+    row has a tie or a NaN at its maximum, where the two could pick different experts."""
+    if k == 1 and logits.device.type == "cpu":
+        values, idx = logits.max(dim=-1, keepdim=True)
+        if bool(((logits == values).sum(-1) == 1).all()):
+            return values, idx
+    return logits.topk(k, dim=-1)
 
 
 @dataclass
@@ -98,6 +119,7 @@ class MoE(nn.Module):
         balance_weight: w of the balancing loss w·(cv²(importance) + cv²(load)).
         task_embed_dim: width of the learned task embedding ("task_embedding" routing).
         noise_eps: added to softplus(x·W_noise) (Shazeer et al.'s reference code uses 1e-2).
+        dispatch: "auto", "grouped" or "batched" (see the module docstring); same results, speed only.
     """
 
     def __init__(
@@ -114,6 +136,7 @@ class MoE(nn.Module):
         balance_weight: float = 1e-2,
         task_embed_dim: int = 64,
         noise_eps: float = 1e-2,
+        dispatch: str = "auto",
     ):
         super().__init__()
         if num_experts < 1 or top_k < 1:
@@ -125,14 +148,17 @@ class MoE(nn.Module):
         self.tasks = list(dict.fromkeys(tasks or []))
         if routing != "shared" and not self.tasks:
             raise MoEError(f"routing={routing!r} needs the task names (tasks=...)")
+        if dispatch not in DISPATCHES:
+            raise unknown_name("MoE dispatch", dispatch, DISPATCHES)
         if capacity_factor is not None and capacity_factor <= 0:
             raise MoEError(f"capacity_factor must be positive or None, got {capacity_factor}")
         self.dim, self.hidden = dim, hidden
         self.num_experts, self.top_k = num_experts, top_k
         self.routing, self.noisy_gating = routing, noisy_gating
         self.capacity_factor, self.balance_weight, self.noise_eps = capacity_factor, balance_weight, noise_eps
+        self.dispatch = dispatch
 
-        # nn.Linear layout (out x in) per expert: bmm against the transposed view is the fast CPU path
+        # nn.Linear layout (out x in) per expert: bmm against the transposed view, or F.linear on one slice
         self.w1 = nn.Parameter(torch.empty(num_experts, hidden, dim))
         self.b1 = nn.Parameter(torch.zeros(num_experts, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden))
@@ -173,7 +199,8 @@ class MoE(nn.Module):
             idx, g = self._route(xc, t)
             indices.append(idx)
             gates.append(g)
-        out = self._dispatch(flat, torch.cat(indices), torch.cat(gates), chunk_tasks, [c.shape[0] for c in chunks])
+        idx, gate = (indices[0], gates[0]) if len(chunks) == 1 else (torch.cat(indices), torch.cat(gates))
+        out = self._dispatch(flat, idx, gate, chunk_tasks, [c.shape[0] for c in chunks])
         return out.reshape(shape)
 
     def expert(self, e: int, x: Tensor) -> Tensor:
@@ -247,76 +274,115 @@ class MoE(nn.Module):
         clean, std = self.gate_logits(x, task)
         noisy_now = std is not None
         logits = clean + torch.randn_like(clean) * std if noisy_now else clean
-        top_values, idx = logits.topk(self.top_k, dim=-1)
-        gates = torch.softmax(top_values, dim=-1)
-        if self.training and self.balance_weight > 0 and x.shape[0] > 0:
-            full = torch.zeros_like(logits).scatter(1, idx, gates)
+        k = self.top_k
+        balance = self.training and self.balance_weight > 0 and x.shape[0] > 0
+        smooth_load = balance and noisy_now and k < self.num_experts
+        # the smooth load needs the (k+1)-th logit too: one topk serves both (noise makes ties impossible)
+        top_values, idx = top_k(logits, k + 1 if smooth_load else k)
+        gates = torch.softmax(top_values[:, :k], dim=-1)
+        if balance:
+            full = torch.zeros_like(logits).scatter(1, idx[:, :k], gates)
             importance = full.sum(0)
-            if noisy_now and self.top_k < self.num_experts:
-                load = prob_in_top_k(clean, logits, std, self.top_k).sum(0)
+            if smooth_load:
+                load = prob_in_top_k(clean, logits, std, k, top=top_values).sum(0)
             else:
                 load = (full > 0).float().sum(0)
             self._aux.append(self.balance_weight * (cv_squared(importance) + cv_squared(load)))
+        idx = idx[:, :k]
         with torch.no_grad():
             self.usage[row] += torch.bincount(idx.reshape(-1), minlength=self.num_experts)
         return idx, gates
 
     # ------------------------------------------------------------------ dispatch
+    def dispatch_form(self, device: torch.device | str) -> str:
+        """The dispatch used for tokens on `device`: `self.dispatch`, with "auto" resolved."""
+        if self.dispatch not in DISPATCHES:
+            raise unknown_name("MoE dispatch", self.dispatch, DISPATCHES)
+        if self.dispatch != "auto":
+            return self.dispatch
+        return "grouped" if torch.device(device).type == "cpu" else "batched"
+
     def _dispatch(self, x: Tensor, idx: Tensor, gates: Tensor, tasks: list, sizes: list[int]) -> Tensor:
         n, d = x.shape
-        k, num_e = self.top_k, self.num_experts
+        num_e = self.num_experts
+        form = self.dispatch_form(x.device)
         flat_expert = idx.t().reshape(-1)  # rank-major: every token's first choice precedes any second choice
-        flat_token = torch.arange(n, device=x.device).repeat(k)
         flat_gate = gates.t().reshape(-1)
         counts = torch.bincount(flat_expert, minlength=num_e)
-        order = torch.argsort(flat_expert, stable=True)
-        sorted_expert = flat_expert[order]
-        starts = torch.cumsum(counts, 0) - counts
-        position = torch.arange(n * k, device=x.device) - starts[sorted_expert]
-        cap = self.capacity(n)
-        if cap is None:
-            cap = max(int(counts.max()) if n else 0, 1)
-        keep = position < cap
-        chosen = order[keep]
-        slot = sorted_expert[keep] * cap + position[keep]
-        # slot -> token (empty slots read, and write to, a padding row n) and slot -> gate value
-        slot_token = torch.full((num_e * cap,), n, dtype=torch.long, device=x.device).index_put_(
-            (slot,), flat_token[chosen]
-        )
-        slot_gate = flat_gate.new_zeros(num_e * cap).index_put((slot,), flat_gate[chosen])
-        padded = torch.cat([x, x.new_zeros(1, d)])
-        buffer = padded.index_select(0, slot_token).view(num_e, cap, d)
+        order = torch.argsort(flat_expert, stable=True)  # assignments grouped by expert, in priority order
+        most = int(counts.max()) if n else 0
+        limit = self.capacity(n)
+        cap = max(most, 1) if limit is None else limit
+        dropped = order[:0]
+        if most > cap:  # drop each expert's assignments past its capacity
+            starts = torch.cumsum(counts, 0) - counts
+            position = torch.arange(order.numel(), device=x.device)
+            position -= starts.repeat_interleave(counts, output_size=order.numel())
+            keep = position < cap
+            order, dropped = order[keep], order[~keep]
+        kept = counts.clamp(max=cap)
+        token = order % n if n else order  # assignment i is token i mod n (rank-major)
+        gate = flat_gate[order]
+        if form == "grouped":
+            out = self._grouped(x, token, gate, kept.tolist())
+        else:
+            out = self._batched(x, token, gate, kept, cap)
+        self._record(flat_gate, flat_expert, counts, kept, cap, dropped % max(n, 1), tasks, sizes)
+        return out
+
+    def _expert_weights(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Tokens and stacked expert matrices, cast to the autocast dtype when autocast is on."""
         w1, w2 = self.w1, self.w2
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
-            buffer, w1, w2 = buffer.to(dtype), w1.to(dtype), w2.to(dtype)
+            x, w1, w2 = x.to(dtype), w1.to(dtype), w2.to(dtype)
+        return x, w1, w2
+
+    def _grouped(self, x: Tensor, token: Tensor, gate: Tensor, kept: list[int]) -> Tensor:
+        """Experts on their exact slices of the expert-sorted tokens (no padding), one GEMM pair each,
+        each slice's gated output added straight into the result."""
+        xs, w1, w2 = self._expert_weights(x.index_select(0, token))
+        w1, b1, w2, b2 = w1.unbind(0), self.b1.unbind(0), w2.unbind(0), self.b2.unbind(0)
+        out = x.new_zeros(x.shape)
+        for e, (xe, te, ge) in enumerate(zip(xs.split(kept), token.split(kept), gate.unsqueeze(1).split(kept))):
+            if kept[e]:
+                ye = F.linear(F.gelu(F.linear(xe, w1[e], b1[e])), w2[e], b2[e])
+                out.index_add_(0, te, (ye * ge.to(ye.dtype)).to(x.dtype))
+        return out
+
+    def _batched(self, x: Tensor, token: Tensor, gate: Tensor, kept: Tensor, cap: int) -> Tensor:
+        """Experts as two batched matmuls over an (E, cap, d) buffer padded to `cap` slots each."""
+        n, d = x.shape
+        num_e = self.num_experts
+        # slot of each kept assignment: its expert's first slot plus its rank inside the expert
+        shift = torch.arange(num_e, device=x.device) * cap - (torch.cumsum(kept, 0) - kept)
+        slot = torch.arange(token.numel(), device=x.device) + shift.repeat_interleave(kept, output_size=token.numel())
+        # slot -> token (empty slots read, and write to, a padding row n) and slot -> gate value
+        slot_token = torch.full((num_e * cap,), n, dtype=torch.long, device=x.device).index_put_((slot,), token)
+        slot_gate = gate.new_zeros(num_e * cap).index_put((slot,), gate)
+        padded = torch.cat([x, x.new_zeros(1, d)])
+        buffer, w1, w2 = self._expert_weights(padded.index_select(0, slot_token).view(num_e, cap, d))
         hidden = F.gelu(torch.bmm(buffer, w1.transpose(1, 2)).add_(self.b1.unsqueeze(1)))
         y = torch.bmm(hidden, w2.transpose(1, 2)).add_(self.b2.unsqueeze(1))
         scale = slot_gate.view(num_e, cap, 1).to(y.dtype)
         y = y * scale if torch.is_grad_enabled() and (y.requires_grad or scale.requires_grad) else y.mul_(scale)
-        out = x.new_zeros(n + 1, d).index_add_(0, slot_token, y.view(num_e * cap, d).to(x.dtype))[:n]
-        self._record(flat_gate, flat_expert, flat_token, keep, order, counts, cap, tasks, sizes)
-        return out
+        return x.new_zeros(n + 1, d).index_add_(0, slot_token, y.view(num_e * cap, d).to(x.dtype))[:n]
 
     @torch.no_grad()
-    def _record(self, flat_gate, flat_expert, flat_token, keep, order, counts, cap, tasks, sizes) -> None:
-        num_e = self.num_experts
-        kept_mask = torch.zeros_like(keep)
-        kept_mask[order] = keep
-        kept = torch.bincount(flat_expert[kept_mask], minlength=num_e)
-        importance = torch.zeros(num_e, device=flat_gate.device).index_add_(0, flat_expert, flat_gate.detach().float())
-        dropped = int((~keep).sum())
+    def _record(self, flat_gate, flat_expert, counts, kept, cap, dropped_tokens, tasks, sizes) -> None:
+        importance = flat_gate.new_zeros(self.num_experts, dtype=torch.float32)
+        importance.index_add_(0, flat_expert, flat_gate.detach().float())
+        dropped = dropped_tokens.numel()
         self.last_stats = MoEStats(
             tokens=int(sum(sizes)),
             capacity=cap,
-            load=counts.detach().cpu(),
+            load=counts.cpu(),
             kept=kept.cpu(),
             importance=importance.cpu(),
             dropped=dropped,
         )
         if dropped:
-            bounds = torch.tensor([0, *sizes], device=flat_token.device).cumsum(0)
-            dropped_tokens = flat_token[~kept_mask]
+            bounds = torch.tensor([0, *sizes], device=dropped_tokens.device).cumsum(0)
             for i, t in enumerate(tasks):
                 in_chunk = ((dropped_tokens >= bounds[i]) & (dropped_tokens < bounds[i + 1])).sum()
                 self.dropped_total[self._task_index(t)] += in_chunk

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mtvision.errors import MTVisionError
-from mtvision.models.moe import MoE, MoEError, cv_squared, prob_in_top_k
+from mtvision.models.moe import DISPATCHES, MoE, MoEError, cv_squared, prob_in_top_k, top_k
+
+FORMS = ("grouped", "batched")
 
 
 def _layer(dim=8, hidden=12, experts=4, k=2, **kw) -> MoE:
@@ -196,9 +199,165 @@ def test_usage_statistics_accumulate_per_task_and_reset():
     assert all(v.sum() == 0 for v in m.expert_usage().values())
 
 
-def test_half_precision_tokens_pass_through_autocast():
-    m = _layer(k=2).eval()
+@pytest.mark.parametrize("dispatch", FORMS)
+def test_half_precision_tokens_pass_through_autocast(dispatch):
+    m = _layer(k=2, dispatch=dispatch).eval()
     x = torch.randn(6, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = m(x)
     assert out.dtype == torch.float32 and torch.allclose(out, m(x), atol=5e-2)
+
+
+# ---------------------------------------------------------------- dispatch forms
+def _token_loop(m: MoE, x: torch.Tensor) -> tuple[torch.Tensor, list[int], int]:
+    """Per-token reference: each token through its top-k experts, weighted by its gates, written out
+    by hand.  Assignments past an expert's capacity are dropped: all first choices are placed before
+    any second choice, earlier tokens first.  Returns the output, the kept count per expert, the drops."""
+    n, num_e = x.shape[0], m.num_experts
+    clean, _ = m.gate_logits(x)
+    values, idx = clean.topk(m.top_k, dim=-1)
+    gates = torch.softmax(values, dim=-1)
+    cap = m.capacity(n) or n * m.top_k
+    filled, dropped = [0] * num_e, 0
+    rows = [x.new_zeros(m.dim) for _ in range(n)]
+    for rank in range(m.top_k):
+        for t in range(n):
+            e = int(idx[t, rank])
+            if filled[e] == cap:
+                dropped += 1
+                continue
+            filled[e] += 1
+            hidden = F.gelu(m.w1[e] @ x[t] + m.b1[e])
+            rows[t] = rows[t] + gates[t, rank] * (m.w2[e] @ hidden + m.b2[e])
+    return torch.stack(rows), filled, dropped
+
+
+def _outputs_and_grads(m: MoE, x: torch.Tensor, reference: bool = False):
+    """Output, stats and the gradients of a fixed random projection of the output w.r.t. the tokens,
+    the expert weights and the gate weights."""
+    x = x.detach().clone().requires_grad_(True)
+    if reference:
+        out, kept, dropped = _token_loop(m, x)
+    else:
+        out = m(x)
+        kept, dropped = m.last_stats.kept.tolist(), m.last_stats.dropped
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
+    wrt = [x, m.w1, m.b1, m.w2, m.b2, m.gate_weight["shared"]]
+    grads = torch.autograd.grad((out * probe).sum(), wrt, allow_unused=True)
+    grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt)]
+    return out.detach(), kept, dropped, grads
+
+
+def _check_forms_against_token_loop(x: torch.Tensor, starve: int | None = None, **kw) -> list[int]:
+    """Both dispatch forms equal the per-token reference (output, kept, drops, gradients) and each
+    other; `starve`: an expert whose gate column is made so negative that positive tokens never pick
+    it.  Returns the kept count per expert."""
+
+    def layer(dispatch: str) -> MoE:
+        m = _layer(noisy_gating=False, dispatch=dispatch, **kw).eval()  # the same seed: the same weights
+        if starve is not None:
+            with torch.no_grad():
+                m.gate_weight["shared"][:, starve] = -10.0
+        return m
+
+    expected = _outputs_and_grads(layer("grouped"), x, reference=True)
+    results = {}
+    for dispatch in FORMS:
+        m = layer(dispatch)
+        out, kept, dropped, grads = results[dispatch] = _outputs_and_grads(m, x)
+        torch.testing.assert_close(out, expected[0], atol=1e-5, rtol=1e-5, msg=lambda s, tag=dispatch: f"{tag}: {s}")
+        assert (kept, dropped) == expected[1:3], dispatch
+        assert m.dropped_usage() == {"all": dropped}
+        for g, ref, name in zip(grads, expected[3], ("x", "w1", "b1", "w2", "b2", "gate")):
+            tag = f"{dispatch} d/d{name}"
+            torch.testing.assert_close(g, ref, atol=1e-5, rtol=1e-4, msg=lambda s, tag=tag: f"{tag}: {s}")
+    grouped, batched = results["grouped"], results["batched"]
+    torch.testing.assert_close(grouped[0], batched[0], atol=1e-6, rtol=1e-5)
+    for g, h in zip(grouped[3], batched[3]):
+        torch.testing.assert_close(g, h, atol=1e-6, rtol=1e-5)
+    return expected[1]
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.75])
+def test_dispatch_forms_match_a_token_loop_with_and_without_capacity(capacity_factor):
+    x = torch.randn(24, 8, generator=torch.Generator().manual_seed(1))
+    kept = _check_forms_against_token_loop(x, experts=4, k=2, capacity_factor=capacity_factor)
+    if capacity_factor is None:
+        assert sum(kept) == 24 * 2
+    else:  # capacity ceil(0.75 * 24 * 2 / 4) = 9 slots: some assignments are dropped
+        assert max(kept) == 9 and sum(kept) < 24 * 2
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+def test_dispatch_forms_match_a_token_loop_with_every_expert_per_token(capacity_factor):
+    x = torch.randn(10, 8, generator=torch.Generator().manual_seed(2))
+    kept = _check_forms_against_token_loop(x, experts=4, k=4, capacity_factor=capacity_factor)
+    assert kept == ([10] * 4 if capacity_factor is None else [5] * 4)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.75])
+def test_dispatch_forms_match_a_token_loop_when_an_expert_gets_no_token(capacity_factor):
+    x = torch.rand(12, 8, generator=torch.Generator().manual_seed(3)) + 0.1
+    kept = _check_forms_against_token_loop(x, starve=3, experts=4, k=2, capacity_factor=capacity_factor)
+    assert kept[3] == 0 and kept[:3] != [0, 0, 0]
+    m = _layer(noisy_gating=False, dispatch="grouped", experts=4, k=2).eval()
+    with torch.no_grad():
+        m.gate_weight["shared"][:, 3] = -10.0
+    m(x).sum().backward()
+    assert m.w1.grad[3].abs().sum() == 0 and m.w1.grad[:3].abs().sum() > 0  # zero, not missing
+
+
+def test_auto_dispatch_is_grouped_on_cpu_batched_on_gpu_and_bad_values_are_clear_errors():
+    m = MoE(8, 8, 4, 2)
+    assert DISPATCHES == ("auto", "grouped", "batched") and m.dispatch == "auto"
+    assert m.dispatch_form("cpu") == "grouped" and m.dispatch_form("cuda") == "batched"
+    assert MoE(8, 8, 4, 2, dispatch="batched").dispatch_form("cpu") == "batched"
+    with pytest.raises(KeyError, match="unknown MoE dispatch 'batch'; did you mean 'batched'") as info:
+        MoE(8, 8, 4, 2, dispatch="batch")
+    assert isinstance(info.value, MTVisionError)
+    m.dispatch = "padded"
+    with pytest.raises(MTVisionError, match="valid: auto, batched, grouped"):
+        m(torch.randn(3, 8))
+
+
+def test_dispatch_forms_share_parameters_and_state_dict_keys():
+    grouped, batched = _layer(dispatch="grouped"), _layer(dispatch="batched")
+    assert list(grouped.state_dict()) == list(batched.state_dict())
+    assert grouped.w1.shape == (4, 12, 8) and grouped.w2.shape == (4, 8, 12)
+    batched.load_state_dict(grouped.state_dict())
+    x = torch.randn(9, 8)
+    torch.testing.assert_close(grouped.eval()(x), batched.eval()(x), atol=1e-6, rtol=1e-5)
+
+
+def test_dispatch_forms_agree_in_training_with_noise_and_on_empty_input():
+    grouped, batched = _layer(k=2, dispatch="grouped").train(), _layer(k=2, dispatch="batched").train()
+    x = torch.randn(30, 8)
+    outs, aux = [], []
+    for m in (grouped, batched):
+        torch.manual_seed(5)  # the same noise
+        outs.append(m(x))
+        aux.append(m.pop_aux_loss())
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=1e-5)
+    assert aux[0].item() == aux[1].item()
+    assert torch.equal(grouped.expert_usage()["all"], batched.expert_usage()["all"])
+    for m in (grouped, batched):
+        assert m(torch.randn(0, 8)).shape == (0, 8) and m.last_stats.tokens == 0
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_top_k_is_torch_topk_with_ties_nans_and_gradients(k):
+    torch.manual_seed(0)
+    distinct = torch.randn(50, 6)
+    tied = torch.zeros(4, 6)  # a zero-initialised gate: every expert ties; topk, not argmax, decides
+    with_nan = distinct[:3].clone()
+    with_nan[1, 2] = float("nan")
+    for logits in (distinct, tied, with_nan, torch.cat([distinct, tied])):
+        a = logits.clone().requires_grad_(True)
+        b = logits.clone().requires_grad_(True)
+        values, idx = top_k(a, k)
+        expected = b.topk(k, dim=-1)
+        assert torch.equal(idx, expected.indices)
+        torch.testing.assert_close(values, expected.values, equal_nan=True, atol=0, rtol=0)
+        (values.nan_to_num() * torch.arange(1.0, k + 1)).sum().backward()
+        (expected.values.nan_to_num() * torch.arange(1.0, k + 1)).sum().backward()
+        assert torch.equal(a.grad, b.grad)
