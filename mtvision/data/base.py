@@ -17,17 +17,20 @@ RawTransform = Callable[[dict[str, Any]], dict[str, Any]]
 class MultiTaskDataset(torch.utils.data.Dataset):
     """A dataset of raw multi-task samples, turned into tensor samples by `transform`.
 
-    Subclasses set `available_tasks`, `num_classes` (for label tasks) and `boundary_tolerance`, and
-    implement `__len__` and `load_raw(index)` returning a raw sample (see `mtvision.data.sample`).
+    Subclasses set `available_tasks` (what can be asked for), optionally `default_tasks` (what
+    `tasks=None` gives; all available tasks when unset), `num_classes` (for label tasks) and
+    `boundary_tolerance`, and implement `__len__` and `load_raw(index)` returning a raw sample (see `mtvision.data.sample`).
     `transform` maps a raw sample to a tensor sample; by default `to_sample` (normalise only).
     """
 
     available_tasks: ClassVar[tuple[str, ...]] = ()
+    default_tasks: ClassVar[tuple[str, ...] | None] = None
     num_classes: ClassVar[Mapping[str, int]] = {}
     boundary_tolerance: ClassVar[float] = 0.011
 
     def __init__(self, tasks: Sequence[str] | None = None, transform: RawTransform | None = None) -> None:
-        self.tasks: tuple[str, ...] = tuple(tasks) if tasks is not None else tuple(self.available_tasks)
+        default = self.available_tasks if self.default_tasks is None else self.default_tasks
+        self.tasks: tuple[str, ...] = tuple(tasks) if tasks is not None else tuple(default)
         for name in self.tasks:
             if name not in TASKS:
                 raise unknown_name("task", name, TASKS)

@@ -535,6 +535,7 @@ class SyntheticScenes(MultiTaskDataset):
     """`num_samples` procedural indoor scenes at height x width; sample i is `generate(seed, i)`."""
 
     available_tasks: ClassVar[tuple[str, ...]] = ("semseg", "depth", "normals", "edge", "saliency", "texture")
+    default_tasks: ClassVar[tuple[str, ...]] = ("semseg", "depth", "normals", "edge", "saliency")  # texture on request
     num_classes: ClassVar[dict[str, int]] = {"semseg": len(CLASS_NAMES), "texture": 2}
     class_names: ClassVar[tuple[str, ...]] = CLASS_NAMES
     boundary_tolerance: ClassVar[float] = 0.011

@@ -310,11 +310,14 @@ class MoE(nn.Module):
         flat_gate = gates.t().reshape(-1)
         counts = torch.bincount(flat_expert, minlength=num_e)
         order = torch.argsort(flat_expert, stable=True)  # assignments grouped by expert, in priority order
-        most = int(counts.max()) if n else 0
         limit = self.capacity(n)
-        cap = max(most, 1) if limit is None else limit
+        if limit is None:  # room for the fullest expert: nothing overflows
+            cap, overflow = max(int(counts.max()) if n else 0, 1), False
+        else:  # the check is free on the CPU; elsewhere mask anyway rather than wait for the device
+            cap = limit
+            overflow = x.device.type != "cpu" or (n > 0 and int(counts.max()) > cap)
         dropped = order[:0]
-        if most > cap:  # drop each expert's assignments past its capacity
+        if overflow:  # drop each expert's assignments past its capacity
             starts = torch.cumsum(counts, 0) - counts
             position = torch.arange(order.numel(), device=x.device)
             position -= starts.repeat_interleave(counts, output_size=order.numel())

@@ -24,7 +24,8 @@ Departures from the release: the channel-prompt output (attention x value) is wh
 prompts (the release adds the re-projected channel prompts themselves and leaves that output
 unused); the channel-prompt maps are defined on the ViT's configured grid (`img_size`) and resized
 bilinearly when an input gives another grid; prompts with prompt_len > 1 average their channel
-scores; cross-task reweighting (`use_ctr`, off in the release's configs) is not implemented.
+scores; cross-task reweighting (`use_ctr`: on in the release's PASCAL configs, off in its NYUD
+ones) is not implemented.
 """
 
 from __future__ import annotations

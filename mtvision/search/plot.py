@@ -22,15 +22,15 @@ def sharing_series(history: Sequence[Mapping[str, Any]], tasks: Sequence[str]) -
 
 
 def plot_sharing(history: Sequence[Mapping[str, Any]], tasks: Sequence[str], path: str | Path) -> None:
-    """A PNG with one panel per stage: P(share) of every task pair against the epoch (matplotlib,
-    or a grey-level grid through `mtvision.visualize` where matplotlib is missing)."""
+    """A PNG with one panel per stage: P(share) of every task pair against the epoch (matplotlib, a
+    dependency; a grey-level grid through `mtvision.visualize` in an environment without it)."""
     series = sharing_series(history, tasks)
     epochs = [int(r["epoch"]) for r in history]
     stages = len(history[0]["sharing"]) if history else 0
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
-    except ImportError:  # pragma: no cover - matplotlib is optional
+    except ImportError:  # pragma: no cover - an environment that dropped matplotlib
         _plot_grid(series, stages, path)
         return
     cols = min(stages, 4) or 1

@@ -166,6 +166,8 @@ def test_any_resolution():
 
 
 def test_dataset_contract_and_task_subsets():
+    assert S.SyntheticScenes(1).tasks == ("semseg", "depth", "normals", "edge", "saliency")  # texture only on request
+    assert set(S.SyntheticScenes(1, 16, 16, tasks=["texture"])[0]) == {"image", "texture", "meta"}
     ds = S.SyntheticScenes(3, 32, 40, seed=2, tasks=["depth", "semseg"])
     assert len(ds) == 3
     sample = ds[1]

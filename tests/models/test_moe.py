@@ -10,6 +10,18 @@ from mtvision.errors import MTVisionError
 from mtvision.models.moe import DISPATCHES, MoE, MoEError, cv_squared, prob_in_top_k, top_k
 
 FORMS = ("grouped", "batched")
+RESOLVE_DISPATCH = MoE.dispatch_form  # the real resolution of "auto" (the fixture below overrides it)
+
+
+@pytest.fixture(autouse=True, params=FORMS)
+def auto_dispatch(request, monkeypatch):
+    """Every test runs with "auto" resolved to each form in turn (the CPU would always pick "grouped";
+    "batched" is the GPU default and must pass the same tests)."""
+    def form(self, device):
+        return request.param if self.dispatch == "auto" else RESOLVE_DISPATCH(self, device)
+
+    monkeypatch.setattr(MoE, "dispatch_form", form)
+    return request.param
 
 
 def _layer(dim=8, hidden=12, experts=4, k=2, **kw) -> MoE:
@@ -310,8 +322,8 @@ def test_dispatch_forms_match_a_token_loop_when_an_expert_gets_no_token(capacity
 def test_auto_dispatch_is_grouped_on_cpu_batched_on_gpu_and_bad_values_are_clear_errors():
     m = MoE(8, 8, 4, 2)
     assert DISPATCHES == ("auto", "grouped", "batched") and m.dispatch == "auto"
-    assert m.dispatch_form("cpu") == "grouped" and m.dispatch_form("cuda") == "batched"
-    assert MoE(8, 8, 4, 2, dispatch="batched").dispatch_form("cpu") == "batched"
+    assert RESOLVE_DISPATCH(m, "cpu") == "grouped" and RESOLVE_DISPATCH(m, "cuda") == "batched"
+    assert RESOLVE_DISPATCH(MoE(8, 8, 4, 2, dispatch="batched"), "cpu") == "batched"
     with pytest.raises(KeyError, match="unknown MoE dispatch 'batch'; did you mean 'batched'") as info:
         MoE(8, 8, 4, 2, dispatch="batch")
     assert isinstance(info.value, MTVisionError)
