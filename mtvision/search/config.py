@@ -33,7 +33,7 @@ class SearchOptions:
         epochs: search epochs (temperatures change once per epoch).
         iterations_per_epoch: cap on the weight (and architecture) steps per epoch; None: a full pass.
         batch_size: images per process per step.
-        warmup_epochs: epochs that train the weights only (None: bmtas epochs // 20, ltb ⌈epochs/100⌉).
+        warmup_epochs: epochs that train the weights only (None: bmtas epochs // 20 but at least 1, ltb ⌈epochs/100⌉).
         temperature_initial: first temperature (None: bmtas 5.0, ltb epochs / 20).
         temperature_final: last temperature, bmtas only (None: 0.1; ltb decays as τ0/√(epoch+1)).
         weight_lr, weight_decay: Adam for the weights.

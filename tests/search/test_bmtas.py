@@ -77,7 +77,7 @@ def test_derive_refines_the_argmax_choices_stage_by_stage():
     spec = m.derive()
     assert [len(p) for p in spec.stages] == [1, 2, 2, 3]
     assert spec.stages[2] == (("semseg", "depth"), ("normals",))
-    assert warmup_epochs(160) == 8 and warmup_epochs(19) == 0
+    assert warmup_epochs(160) == 8 and warmup_epochs(19) == 1 and warmup_epochs(2) == 1 and warmup_epochs(1) == 0
 
 
 def _toy(lam: float, same: bool, warm: int, steps: int, seed: int = 0):
