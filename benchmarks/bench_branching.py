@@ -97,22 +97,26 @@ def model_flops(decoder: str, tasks: list[str], options: dict | None = None) -> 
         return count_flops(model, torch.zeros(1, 3, HEIGHT, WIDTH))
 
 
+def last_record(folder: Path) -> dict:
+    """The search's last epoch record (arch_params.jsonl)."""
+    return json.loads((folder / "arch_params.jsonl").read_text().splitlines()[-1])
+
+
 def sharing_report(folder: Path) -> str:
     """The found tree and, per stage, P(two tasks share it) under the final architecture distribution."""
-    records = [json.loads(line) for line in (folder / "arch_params.jsonl").read_text().splitlines() if line]
-    tasks = BranchingSpec.load(folder / "spec.yaml").tasks
-    lines = [BranchingSpec.load(folder / "spec.yaml").describe(), "P(share) per stage, last epoch:"]
+    spec, sharing = BranchingSpec.load(folder / "spec.yaml"), last_record(folder)["sharing"]
+    tasks = spec.tasks
+    lines = [spec.describe(), "P(share) per stage, last epoch:"]
     for i in range(len(tasks)):
         for j in range(i + 1, len(tasks)):
-            probs = [stage[i][j] for stage in records[-1]["sharing"]]
+            probs = [stage[i][j] for stage in sharing]
             lines.append(f"  {tasks[i]}+{tasks[j]}: " + " ".join(f"{p:.2f}" for p in probs))
     return "\n".join(lines)
 
 
 def texture_verdict(folder: Path) -> str:
     """Whether the unrelated task splits off earlier (or is less likely to share) than depth and normals."""
-    record = [json.loads(line) for line in (folder / "arch_params.jsonl").read_text().splitlines() if line][-1]
-    spec = BranchingSpec.load(folder / "spec.yaml")
+    record, spec = last_record(folder), BranchingSpec.load(folder / "spec.yaml")
     depth, normals, texture = (spec.tasks.index(t) for t in ("depth", "normals", "texture"))
 
     def split_stage(a: int, b: int) -> int:  # the first stage where tasks a and b use different copies
@@ -146,9 +150,9 @@ def plot(points: list[tuple[str, float, float, float, bool]], path: Path) -> Non
     fig = Figure(figsize=(7.2, 4.4), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    base = sorted((g, -d) for _, g, d, _, searched in points if not searched)  # cheapest, then best, first
+    base = sorted(((g, d) for _, g, d, _, searched in points if not searched), key=lambda p: (p[0], -p[1]))
     front, best = [], -float("inf")
-    for g, d in ((g, -d) for g, d in base):  # a point is on the front when it beats every cheaper one
+    for g, d in base:  # cheapest (then best) first: a point is on the front when it beats every cheaper one
         if d > best:
             front.append((g, d))
             best = d
