@@ -7,10 +7,15 @@ a hard, straight-through Gumbel-softmax sample of its own logits (T×T per layer
 pass runs a tree while the logits get gradients.  Weights and logits are trained together on the
 training data.  The derived tree follows each task's argmax parents from its head to the image.
 
-Defaults: the paper's own schedule values could not be checked here; the temperature schedule and
-warm-up follow LibMTL's implementation of the method (LibMTL/architecture/LTB.py): τ = (epochs/20)
-/ √(epoch + 1), warm-up of ⌈epochs/100⌉ epochs in which every child averages all its parents
-(LibMTL sums them), and one optimizer for weights and logits (lr = the weights' lr, here Adam).
+Sources, kept apart because the paper's method section could not be read here:
+- the paper (abstract and quoted passages): branching as Gumbel-softmax sampling, one hard parent
+  per child in the forward pass, a search followed by training the tree found, Adam;
+- LibMTL's implementation (LibMTL/architecture/LTB.py): T blocks per stage from the same weights,
+  τ = (epochs/20) / √(epoch + 1), a warm-up of ⌈epochs/100⌉ epochs, logits stepped together with the
+  weights on the training data at the weights' learning rate;
+- ours: the task-head gate (LibMTL wires task t to block t, so tasks never share the last stage),
+  the warm-up averaging the parents (LibMTL sums them), a separate Adam for the logits without
+  weight decay (LibMTL's single Adam also decays them), the argmax derivation, and `fit_budget`.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from mtvision.search.flops import FlopsTable, spec_flops
 from mtvision.search.spec import BranchingSpec
 from mtvision.search.supernet import gumbel_softmax, task_outputs
 
-DEFAULTS = {"weight_lr": 1e-3, "weight_decay": 1e-4, "arch_weight_decay": 0.0}
+DEFAULTS = {"arch_weight_decay": 0.0}  # the weights' lr and decay: SearchOptions (config.py)
 
 
 def warmup_epochs(epochs: int) -> int:
@@ -43,7 +48,8 @@ def initial_temperature(epochs: int) -> float:
 class LTBNet(nn.Module):
     """The supernet's weights.  `gates[k-1]` (k = 1..K-1) is T×T: row i weighs stage k-1's blocks as
     the input of stage k's block i; `gates[K-1]` is T×T: row t weighs the last stage's blocks as task
-    t's.  A task's multi-scale features follow its path back through the gates."""
+    t's (a head gate that LibMTL does not have).  A task's multi-scale features follow its path back
+    through the gates."""
 
     def __init__(self, decoder: BranchedDecoder) -> None:
         super().__init__()
