@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_optim_quality import CONFIG as HPS_CONFIG  # noqa: E402
-from bench_optim_quality import TASKS, run  # noqa: E402
+from bench_optim_quality import TASKS, run_all  # noqa: E402
 
 from mtvision.metrics.delta import delta_m  # noqa: E402
 from mtvision.models import create_model  # noqa: E402
@@ -218,18 +218,7 @@ def main() -> None:
                 BRANCHED_CONFIG,
             )
     print(f"\n{len(jobs)} runs ({args.jobs} at a time; finished ones are reused)", flush=True)
-    with ThreadPoolExecutor(args.jobs) as pool:
-        futures = {
-            key: pool.submit(run, f"{key[0]} seed {key[1]}", ov, out, cfg) for key, (ov, out, cfg) in jobs.items()
-        }
-        results, failed = {}, []
-        for key, f in futures.items():
-            try:
-                results[key] = f.result()
-            except RuntimeError as exc:
-                failed.append(str(exc))
-    if failed:
-        sys.exit("some runs failed (run the script again to retry them):\n" + "\n".join(failed))
+    results = run_all(jobs, args.jobs)
 
     primary = {t: get_task(t).primary_metric for t in TASKS}
     higher = {t: get_task(t).new_meter().higher_is_better for t in TASKS}

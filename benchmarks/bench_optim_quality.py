@@ -105,6 +105,22 @@ def run(name: str, overrides: list[str], out: Path, config: str = CONFIG) -> dic
     return metrics
 
 
+def run_all(jobs: dict[tuple[str, int], tuple[list[str], Path, str]], workers: int) -> dict:
+    """`run` every (name, seed) -> (overrides, folder, config) job, `workers` at a time; exits with
+    the list of failures (finished runs are kept and reused next time) when any run fails."""
+    with ThreadPoolExecutor(workers) as pool:
+        futures = {key: pool.submit(run, f"{key[0]} seed {key[1]}", *job) for key, job in jobs.items()}
+        results, failed = {}, []
+        for key, f in futures.items():
+            try:
+                results[key] = f.result()
+            except RuntimeError as exc:
+                failed.append(str(exc))
+    if failed:
+        sys.exit("some runs failed (run the script again to retry them):\n" + "\n".join(failed))
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -131,16 +147,7 @@ def main() -> None:
             folder = "EW" if method == "HPS" else folder  # the same run as the optimiser suite's EW
             jobs[(method, seed)] = ([*suite[method], f"train.seed={seed}"], root / f"{folder}-s{seed}")
     print(f"{len(jobs)} runs, {args.jobs} at a time, in {root}", flush=True)
-    with ThreadPoolExecutor(args.jobs) as pool:
-        futures = {key: pool.submit(run, f"{key[0]} seed {key[1]}", ov, out) for key, (ov, out) in jobs.items()}
-        results, failed = {}, []
-        for key, f in futures.items():
-            try:
-                results[key] = f.result()
-            except RuntimeError as exc:
-                failed.append(str(exc))
-    if failed:
-        sys.exit("some runs failed (run the script again to retry them):\n" + "\n".join(failed))
+    results = run_all({key: (ov, out, CONFIG) for key, (ov, out) in jobs.items()}, args.jobs)
 
     primary = {t: get_task(t).primary_metric for t in TASKS}
     higher = {t: get_task(t).new_meter().higher_is_better for t in TASKS}
