@@ -184,21 +184,26 @@ class Task:
         return dataclasses.replace(self, out_channels=num_classes)
 
 
+def _class_map_task(name: str, num_classes: int) -> Task:
+    """A per-pixel classification task (semseg, parts, texture): CE, argmax, mIoU, 255 = ignore."""
+    return Task(
+        name=name,
+        out_channels=num_classes,
+        loss=segmentation_loss,
+        decode=argmax_decode,
+        colorize=visualize.colorize_labels,
+        new_meter_fn=_segmentation_meter,
+        primary_metric="mIoU",
+        is_label_map=True,
+        target_channels=0,
+        pad_value=IGNORE_INDEX,
+    )
+
+
 TASKS: dict[str, Task] = {
     task.name: task
     for task in (
-        Task(
-            name="semseg",
-            out_channels=40,
-            loss=segmentation_loss,
-            decode=argmax_decode,
-            colorize=visualize.colorize_labels,
-            new_meter_fn=_segmentation_meter,
-            primary_metric="mIoU",
-            is_label_map=True,
-            target_channels=0,
-            pad_value=IGNORE_INDEX,
-        ),
+        _class_map_task("semseg", 40),
         Task(
             name="depth",
             out_channels=1,
@@ -237,18 +242,7 @@ TASKS: dict[str, Task] = {
             target_channels=1,
             pad_value=IGNORE_INDEX,
         ),
-        Task(
-            name="parts",
-            out_channels=7,
-            loss=segmentation_loss,
-            decode=argmax_decode,
-            colorize=visualize.colorize_labels,
-            new_meter_fn=_segmentation_meter,
-            primary_metric="mIoU",
-            is_label_map=True,
-            target_channels=0,
-            pad_value=IGNORE_INDEX,
-        ),
+        _class_map_task("parts", 7),
         Task(
             name="saliency",
             out_channels=1,
@@ -261,18 +255,7 @@ TASKS: dict[str, Task] = {
             target_channels=1,
             pad_value=0.0,
         ),
-        Task(  # the synthetic scenes' accent-pattern mask: a deliberately unrelated task (sanity checks)
-            name="texture",
-            out_channels=2,
-            loss=segmentation_loss,
-            decode=argmax_decode,
-            colorize=visualize.colorize_labels,
-            new_meter_fn=_segmentation_meter,
-            primary_metric="mIoU",
-            is_label_map=True,
-            target_channels=0,
-            pad_value=IGNORE_INDEX,
-        ),
+        _class_map_task("texture", 2),  # the synthetic accent-colour mask: a deliberately unrelated task
     )
 }
 
