@@ -65,8 +65,8 @@ def main() -> None:
                 t0 = time.perf_counter()
                 opt.zero_grad(set_to_none=True)
                 out = model(batch["image"])
-                losses = compute_losses(out, batch, model.tasks)
-                objective.backward(losses)
+                losses = compute_losses(out.predictions, batch, model.tasks)
+                objective.backward(losses, out)
                 opt.step()
                 if rnd:
                     times[name].append(time.perf_counter() - t0)

@@ -113,8 +113,9 @@ def bench_dispatch(args: argparse.Namespace) -> list[dict]:
 
             def train(module, xg=xg):
                 def run():
-                    out = module(xg)
-                    aux = module.pop_aux_loss() if isinstance(module, MoE) else None
+                    out, aux = module(xg), None
+                    if isinstance(module, MoE):
+                        out, aux = out.output, out.balance_loss
                     (out.square().mean() + (0 if aux is None else aux)).backward()
 
                 return run
@@ -123,7 +124,8 @@ def bench_dispatch(args: argparse.Namespace) -> list[dict]:
             for moe in moes.values():
                 moe.eval()
             t_eval = interleaved({n: fwd(m) for n, m in modules.items()}, args.repeats, args.device)
-            stats = {form: moe.last_stats for form, moe in moes.items()}
+            with torch.no_grad():
+                stats = {form: moe(x).stats for form, moe in moes.items()}
             for moe in moes.values():
                 moe.train()
             t_train = interleaved({n: train(m) for n, m in modules.items()}, args.repeats, args.device)

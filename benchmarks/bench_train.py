@@ -62,7 +62,7 @@ def time_bare(cfg: ExperimentConfig, steps: int) -> tuple[list[float], float, fl
         if i >= steps:
             break
         opt.zero_grad(set_to_none=True)
-        out = model(batch["image"])
+        out = model(batch["image"]).predictions
         losses = compute_losses(out, {t: batch[t] for t in tasks}, tasks)
         sum(losses.values()).backward()
         opt.step()
@@ -83,7 +83,7 @@ def time_bare(cfg: ExperimentConfig, steps: int) -> tuple[list[float], float, fl
     for i in range(steps):
         batch = cached[i % len(cached)]
         opt.zero_grad(set_to_none=True)
-        out = model(batch["image"])
+        out = model(batch["image"]).predictions
         sum(compute_losses(out, {t: batch[t] for t in tasks}, tasks).values()).backward()
         opt.step()
     model_rate = steps / (time.perf_counter() - t0)

@@ -1,6 +1,6 @@
-"""Atomic file writes: a temporary file in the same folder, fsynced, renamed over the target.
+"""Atomic writes of files and folders: built under a temporary name next to the target, fsynced, renamed.
 
-On any error (a full disk included) the temporary file is removed and the previous file stays.
+On any error (a full disk included) the temporary file or folder is removed and the previous one stays.
 No torch import: configs and pretrained folders use it as well as checkpoints.
 """
 
@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -76,3 +78,46 @@ def atomic_write_path(path: str | os.PathLike, write_to: Callable[[Path], Any]) 
             tmp.unlink()
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_write_folder(path: str | os.PathLike, fill: Callable[[Path], Any]) -> Path:
+    """Replace the folder `path` with the one `fill(tmp_folder)` fills, atomically; returns `path`.
+
+    `fill` writes (and fsyncs) its files into an empty temporary sibling folder; that folder is fsynced and
+    renamed to `path`. An existing `path` is first renamed aside and deleted only once the new folder is in
+    place (its permission bits carry over); on any error (a full disk included) the temporary folder is
+    removed and the previous `path` is left as it was. A crash between the two renames leaves the previous
+    folder intact as `.NAME.*.old` next to `path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(path, "tmp")
+    os.mkdir(tmp)
+    old: Path | None = None
+    try:
+        fill(tmp)
+        if path.is_dir() and not path.is_symlink():
+            with contextlib.suppress(OSError):
+                os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
+        _fsync_dir(tmp)
+        if path.exists() or path.is_symlink():
+            old = _temp_name(path, "old")
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.replace(old, path)
+                old = None
+            raise
+        _fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                old.unlink()
+    return path

@@ -14,6 +14,11 @@ class DatasetError(MTVisionError, ValueError):
     """A dataset file or tree is missing, unreadable or inconsistent."""
 
 
+class CheckpointError(MTVisionError, ValueError):
+    """A training checkpoint or weights file that is missing, incomplete, truncated, damaged, in an
+    unsupported format, not storable, or that does not fit the model."""
+
+
 class UnknownNameError(MTVisionError, KeyError):
     """A name (task, model, option) that is not registered."""
 

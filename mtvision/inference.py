@@ -149,7 +149,7 @@ class Predictor:
             batch = batch.contiguous(memory_format=torch.channels_last)
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
         with torch.inference_mode(), amp:
-            out = self.model(batch, names)
+            out = self.model(batch, names).predictions
         return {t: out[t].float() for t in names}
 
     def _postprocess(self, outputs: dict[str, torch.Tensor], prep: Prepared) -> dict[str, np.ndarray]:

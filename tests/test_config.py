@@ -23,6 +23,7 @@ from mtvision.config import (
     save_config,
 )
 from mtvision.errors import MTVisionError, UnknownNameError
+from mtvision.models.config import ModelConfig
 
 
 @dataclass
@@ -248,7 +249,7 @@ output_dir: runs/synthetic_hps
 model:
   backbone: {name: resnet18}
   decoder: hps
-  tasks: {semseg: 13, depth: null}
+  tasks: {semseg: 13, depth: null, normals: null, edge: null}
 """
 
 
@@ -260,7 +261,9 @@ def test_realistic_yaml(tmp_path):
     assert cfg.data.scale_range == (0.75, 1.5) and cfg.data.num_samples == {"train": 64, "val": 16, "test": 16}
     assert cfg.train.amp == "bf16" and cfg.train.channels_last is True and cfg.train.grad_accum == 1
     assert cfg.logging.wandb_tags == ["synthetic", "hps"]
-    assert cfg.model == {"backbone": {"name": "resnet18"}, "decoder": "hps", "tasks": {"semseg": 13, "depth": None}}
+    assert cfg.model == ModelConfig.from_dict(
+        {"backbone": {"name": "resnet18"}, "decoder": "hps", "tasks": {"semseg": 13, "depth": None, "normals": None, "edge": None}}
+    )
 
 
 def test_base_chain_deep_merges_child_wins_lists_replace(tmp_path):
@@ -269,20 +272,20 @@ def test_base_chain_deep_merges_child_wins_lists_replace(tmp_path):
         {
             "data": {"tasks": ["semseg", "depth", "normals"], "height": 64},
             "optim": {"lr": 0.5},
-            "model": {"x": {"p": 1, "q": 2}},
+            "model": {"backbone": {"name": "resnet18", "drop_path_rate": 0.1}},
         },
     )
     write(
         tmp_path / "sub" / "b.yaml",
         {"base": "../a.yaml", "optim": {"lr": 0.25, "momentum": 0.5}, "train": {"epochs": 2}},
     )
-    write(tmp_path / "sub" / "c.yaml", {"base": "b.yaml", "data": {"tasks": ["edge"]}, "model": {"x": {"q": 3}}})
+    write(tmp_path / "sub" / "c.yaml", {"base": "b.yaml", "data": {"tasks": ["edge"]}, "model": {"backbone": {"drop_path_rate": 0.2}}})
     cfg = load_config(ExperimentConfig, tmp_path / "sub" / "c.yaml")
     assert cfg.data.tasks == ["edge"]  # lists replace
     assert cfg.data.height == 64  # inherited from the grandparent
     assert cfg.optim.lr == 0.25 and cfg.optim.momentum == 0.5  # child wins
     assert cfg.train.epochs == 2
-    assert cfg.model == {"x": {"p": 1, "q": 3}}  # dicts merge recursively
+    assert (cfg.model.backbone.name, cfg.model.backbone.drop_path_rate) == ("resnet18", 0.2)  # dicts merge recursively
 
 
 def test_base_cycle_is_an_error(tmp_path):
@@ -328,7 +331,7 @@ def test_overrides_of_nested_list_bool_and_numbers(tmp_path):
             "optim.lr=1e-3",
             "train.amp=fp16",
             "train.compile=true",
-            "model.tasks.semseg=40",
+            "model.tasks={semseg: 40, depth: null}",
             "model.decoder_options.width=64",
             "data.tasks=[semseg,depth]",
             "logging.wandb_entity=null",
@@ -337,7 +340,7 @@ def test_overrides_of_nested_list_bool_and_numbers(tmp_path):
         ],
     )
     assert cfg.optim.lr == 1e-3 and cfg.train.amp == "fp16" and cfg.train.compile is True
-    assert cfg.model["tasks"] == {"semseg": 40, "depth": None} and cfg.model["decoder_options"] == {"width": 64}
+    assert cfg.model.tasks == {"semseg": 40, "depth": None} and cfg.model.decoder_options == {"width": 64}
     assert cfg.data.tasks == ["semseg", "depth"] and cfg.optim.grad_clip is None and cfg.train.batch_size == 2
     assert cfg.optim.loss_weights == {"semseg": 1.0, "depth": 2.0}  # untouched siblings survive
 

@@ -20,10 +20,8 @@ def test_there_are_configs_for_each_dataset():
 def test_config_loads_and_model_section_parses(path):
     cfg = load_config(ExperimentConfig, path)
     cfg.validate()
-    section = dict(cfg.model)
-    section.setdefault("tasks", {t: None for t in cfg.data.tasks})
-    model = ModelConfig.from_dict(section)
-    assert list(model.tasks) == cfg.data.tasks
+    model = cfg.model.resolved(cfg.data.tasks, {}, (cfg.data.height, cfg.data.width))
+    assert isinstance(model, ModelConfig) and list(model.tasks) == cfg.data.tasks
     if cfg.data.dataset != "synthetic":
         assert cfg.data.holdout_fraction > 0, "real datasets select models on a hold-out, never on the test split"
         assert model.backbone.weights, "real-data recipes start from local pretrained weights"

@@ -53,7 +53,7 @@ def test_prediction_equals_model_forward_then_decode(model_dir, predictor):
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
     x = torch.from_numpy(((image / 255.0 - mean) / std).astype(np.float32).transpose(2, 0, 1))[None]
     with torch.no_grad():
-        raw = model(x)
+        raw = model(x).predictions
     out = predictor.predict(image)
     assert np.array_equal(out["semseg"], raw["semseg"].argmax(1)[0].numpy())
     np.testing.assert_allclose(out["depth"], raw["depth"].clamp_min(0)[0, 0].numpy(), atol=1e-5)

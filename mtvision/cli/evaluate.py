@@ -38,7 +38,7 @@ def _find_run_config(target: Path) -> Path | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from mtvision.engine import distributed as dist
+    from mtvision import distributed as dist
 
     try:
         return _run(args)
@@ -52,10 +52,10 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     from torch.utils.data import Subset
 
+    from mtvision import distributed as dist
     from mtvision.config import ExperimentConfig, load_config
     from mtvision.data.loader import build_loader
     from mtvision.data.transforms import eval_transforms
-    from mtvision.engine import distributed as dist
     from mtvision.engine.checkpoint import load_checkpoint
     from mtvision.engine.data import holdout_split, make_dataset
     from mtvision.engine.evaluator import evaluate

@@ -1,23 +1,31 @@
-"""Atomic training checkpoints that never unpickle: tensors in safetensors, everything else in typed JSON.
+"""Atomic training checkpoints: `torch.save` to write, `torch.load(weights_only=True)` to read, never unpickle.
 
-Design. A checkpoint is a folder holding two files:
+Layout. A checkpoint is a folder holding two files:
 
-- ``tensors.safetensors``: every tensor of the state, under its dotted path (``optimizer.state.0.exp_avg``),
-  streamed tensor by tensor (no second in-memory copy of the whole state);
-- ``state.json``: the rest of the state as JSON, with each tensor replaced by ``{"__tensor__": key}``, plus
-  the size and SHA-256 of the tensor file. It is written last, so a folder with a readable ``state.json``
-  is complete, and the checksum catches truncated or damaged tensor files.
+- ``state.pt``: the whole training state, written by ``torch.save`` (a zip archive) and read back with
+  ``torch.load(weights_only=True)``, which rebuilds tensors and plain containers only and refuses any other
+  object, so a malicious pickle is never executed;
+- ``state.json``: a small manifest (format name and version, the mtvision and torch versions, and the size
+  and SHA-256 of ``state.pt``), written last: a folder with a readable ``state.json`` is complete, and the
+  size and checksum catch truncated, damaged or replaced state files before ``torch.load`` sees them.
 
-JSON loses Python types that state dicts rely on, so they are tagged: tuples (``betas``) as
-``{"__tuple__": [...]}``, dicts with non-string keys (``optimizer['state']`` has int keys) as
-``{"__items__": [[key, value], ...]}``, non-finite floats as ``{"__float__": "nan"}`` and numpy arrays as
-``{"__ndarray__": key}`` (stored as tensors). numpy scalars become Python numbers; OrderedDicts become dicts
-(``state_dict()._metadata`` is dropped, as with any safetensors model file). Any other object is refused at
-save time. This was chosen over ``torch.save`` + ``torch.load(weights_only=True)`` because loading then
-involves no pickle machinery at all: a file that is not JSON + safetensors is rejected, not interpreted.
+What may be stored is checked at save time, so that every checkpoint written can be read back under
+``weights_only=True`` by any supported torch: tensors (detached; a view smaller than its storage is stored
+compactly), None, bools, ints, floats, strings, and lists, tuples and dicts of those (dict keys: None,
+bools, numbers, strings or tuples of them). numpy scalars become Python numbers; other mappings become
+dicts (OrderedDicts, such as ``state_dict()``, stay OrderedDicts with their ``_metadata``). numpy arrays,
+sets, tuple subclasses (namedtuples) and any other object are refused with a CheckpointError naming where
+they are, before anything is written.
 
-The folder is built under a temporary name next to its destination (files fsynced), then renamed into
-place and the parent folder fsynced, so a crash or a full disk leaves the previous checkpoint untouched.
+The folder is built under a temporary name next to its destination (files fsynced), then renamed into place
+and the parent folder fsynced (`mtvision.atomic.atomic_write_folder`), so a crash or a full disk leaves the
+previous checkpoint untouched.
+
+Old checkpoints. Folders written by earlier development versions (checkpoint format 1: a typed-JSON
+``state.json`` plus ``tensors.safetensors``) are refused with a CheckpointError that explains how to go on,
+rather than read by a one-time converter: a reader would keep the whole typed-JSON decoder alive for
+checkpoints of unreleased versions, while the model a run produced stays usable (its ``model/`` pretrained
+folder, config.json + model.safetensors, is unchanged and loads with ``mtvision.load``).
 """
 
 from __future__ import annotations
@@ -25,190 +33,243 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
+import pickle
 import random
 import re
 import shutil
-import struct
-import sys
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-import safetensors
-import safetensors.torch
 import torch
 
-from mtvision.atomic import _fsync_dir, _temp_name, _write_file, atomic_write_bytes
-from mtvision.errors import MTVisionError
+from mtvision import __version__
+from mtvision.atomic import _temp_name, _write_file, atomic_write_bytes, atomic_write_folder
+from mtvision.errors import CheckpointError
+
+__all__ = [
+    "DATA_FILE",
+    "MANIFEST_FILE",
+    "CheckpointError",
+    "CheckpointManager",
+    "capture_rng_state",
+    "load_checkpoint",
+    "restore_rng_state",
+    "save_checkpoint",
+]
 
 FORMAT = "mtvision-checkpoint"
-VERSION = 1
-STATE_FILE = "state.json"
-TENSORS_FILE = "tensors.safetensors"
-
-_TENSOR, _NDARRAY, _TUPLE, _ITEMS, _FLOAT = "__tensor__", "__ndarray__", "__tuple__", "__items__", "__float__"
-_TAGS = frozenset({_TENSOR, _NDARRAY, _TUPLE, _ITEMS, _FLOAT})
+VERSION = 2
+MANIFEST_FILE = "state.json"
+DATA_FILE = "state.pt"
+LEGACY_TENSORS_FILE = "tensors.safetensors"  # format 1 (refused, see the module docstring)
 _CHUNK = 1 << 22
 
-_DTYPES: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.uint16: "U16",
-    torch.uint32: "U32",
-    torch.uint64: "U64",
-    torch.complex64: "C64",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-}
-
-
-class CheckpointError(MTVisionError):
-    """A checkpoint that is missing, truncated, corrupt, not an mtvision checkpoint, or not storable."""
+# what torch.load(weights_only=True) rebuilds in every supported torch version (setup.cfg: torch>=2.1)
+_ATOMS = (type(None), bool, int, float, str)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# typed JSON encoding
-
-
-def _encode(value: Any, where: str, tensors: dict[str, torch.Tensor]) -> Any:
-    """`value` as JSON-able data; tensors are moved into `tensors` under a unique dotted key."""
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        return float(value) if math.isfinite(value) else {_FLOAT: repr(float(value))}
-    if isinstance(value, np.generic):
-        return _encode(value.item(), where, tensors)
-    if isinstance(value, torch.Tensor):
-        return {_TENSOR: _add_tensor(value, where, tensors)}
-    if isinstance(value, np.ndarray):
-        if value.dtype == object:
-            raise CheckpointError(f"cannot store a numpy array of objects at {where or '<root>'!r}")
-        try:
-            tensor = torch.from_numpy(np.ascontiguousarray(value))
-        except TypeError as exc:
-            raise CheckpointError(
-                f"cannot store a numpy array of dtype {value.dtype} at {where or '<root>'!r}"
-            ) from exc
-        return {_NDARRAY: _add_tensor(tensor, where, tensors)}
-    if isinstance(value, tuple):
-        return {_TUPLE: [_encode(v, _join(where, i), tensors) for i, v in enumerate(value)]}
-    if isinstance(value, list):
-        return [_encode(v, _join(where, i), tensors) for i, v in enumerate(value)]
-    if isinstance(value, Mapping):
-        if all(isinstance(k, str) for k in value) and not (len(value) == 1 and next(iter(value)) in _TAGS):
-            return {k: _encode(v, _join(where, k), tensors) for k, v in value.items()}
-        for k in value:
-            if not _plain_key(k):
-                raise CheckpointError(f"cannot store the dict key {k!r} ({type(k).__name__}) at {where or '<root>'!r}")
-        return {_ITEMS: [[_encode(k, "", {}), _encode(v, _join(where, k), tensors)] for k, v in value.items()]}
-    raise CheckpointError(
-        f"cannot store a {type(value).__name__} at {where or '<root>'!r}: checkpoints hold tensors, numpy arrays, "
-        "numbers, strings, bools, None, lists, tuples and dicts only"
-    )
+# what may be stored
 
 
 def _join(where: str, key: Any) -> str:
     return f"{where}.{key}" if where else str(key)
 
 
-def _plain_key(key: Any) -> bool:
-    if isinstance(key, tuple):
-        return all(_plain_key(k) for k in key)
-    return key is None or isinstance(key, (bool, int, float, str))
-
-
-def _add_tensor(tensor: torch.Tensor, where: str, tensors: dict[str, torch.Tensor]) -> str:
-    if tensor.layout != torch.strided:
-        raise CheckpointError(f"cannot store a {tensor.layout} tensor at {where!r}; make it dense first")
-    if tensor.dtype not in _DTYPES:
-        raise CheckpointError(f"cannot store a tensor of dtype {tensor.dtype} at {where!r}")
-    key = where or "tensor"
-    n = 1
-    while key in tensors:
-        key, n = f"{where}#{n}", n + 1
-    tensors[key] = tensor.detach()
-    return key
-
-
-def _decode(value: Any, tensors: Mapping[str, torch.Tensor], used: set[str]) -> Any:
-    if isinstance(value, list):
-        return [_decode(v, tensors, used) for v in value]
-    if not isinstance(value, dict):
+def _storable(value: Any, where: str) -> Any:
+    """`value` made of types `torch.load(weights_only=True)` rebuilds; CheckpointError for anything else."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach()
+        if value.layout == torch.strided and value.untyped_storage().nbytes() > value.nbytes:
+            value = value.clone()  # a view: store its own elements, not the whole storage it looks into
         return value
-    if len(value) == 1:
-        ((tag, inner),) = value.items()
-        if tag in (_TENSOR, _NDARRAY):
-            if not isinstance(inner, str) or inner not in tensors:
-                raise CheckpointError(f"the tensor file has no entry {inner!r}")
-            used.add(inner)
-            return tensors[inner] if tag == _TENSOR else tensors[inner].cpu().numpy()
-        if tag == _TUPLE:
-            return tuple(_decode(v, tensors, used) for v in inner)
-        if tag == _ITEMS:
-            return {_hashable(_decode(k, tensors, used)): _decode(v, tensors, used) for k, v in inner}
-        if tag == _FLOAT:
-            return float(inner)
-    return {k: _decode(v, tensors, used) for k, v in value.items()}
+    if type(value) in _ATOMS:
+        return value
+    if isinstance(value, np.generic) and type(value.item()) in _ATOMS:
+        return value.item()
+    if isinstance(value, np.ndarray):
+        raise CheckpointError(
+            f"cannot store a numpy array at {where or '<root>'!r}: store a tensor (torch.from_numpy) or a list"
+        )
+    if type(value) is tuple:
+        return tuple(_storable(v, _join(where, i)) for i, v in enumerate(value))
+    if type(value) is list:
+        return [_storable(v, _join(where, i)) for i, v in enumerate(value)]
+    if isinstance(value, Mapping):
+        out: dict[Any, Any] = OrderedDict() if isinstance(value, OrderedDict) else {}
+        for k, v in value.items():
+            out[_storable_key(k, where)] = _storable(v, _join(where, k))
+        metadata = getattr(value, "_metadata", None)
+        if isinstance(out, OrderedDict) and metadata is not None:
+            out._metadata = _storable(metadata, _join(where, "_metadata"))  # type: ignore[attr-defined]
+        return out
+    raise CheckpointError(
+        f"cannot store a {type(value).__name__} at {where or '<root>'!r}: checkpoints hold tensors, ints, "
+        "floats, strings, bools, None, and lists, tuples and dicts of those"
+    )
 
 
-def _hashable(key: Any) -> Any:
-    if isinstance(key, (list, dict)):
-        raise CheckpointError(f"malformed dict key {key!r}")
-    return key
+def _storable_key(key: Any, where: str) -> Any:
+    if isinstance(key, np.generic):
+        key = key.item()
+    if type(key) is tuple:
+        return tuple(_storable_key(k, where) for k in key)
+    if type(key) in _ATOMS:
+        return key
+    raise CheckpointError(f"cannot store the dict key {key!r} ({type(key).__name__}) at {where or '<root>'!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------
-# safetensors streaming
+# save
 
 
 class _HashingWriter:
-    """Forwards writes to a file while counting bytes and computing their SHA-256."""
+    """Forwards writes to a file while counting bytes and computing their SHA-256; keeps the first OSError
+    (torch.save reports a failed write as a RuntimeError, which would hide a full disk's ENOSPC)."""
 
     def __init__(self, fh: BinaryIO) -> None:
         self.fh, self.size, self.sha = fh, 0, hashlib.sha256()
+        self.error: OSError | None = None
 
-    def write(self, data: bytes | memoryview) -> None:
-        self.fh.write(data)
+    def write(self, data: Any) -> int:
+        try:
+            self.fh.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
         self.sha.update(data)
-        self.size += len(data)
+        n = memoryview(data).nbytes
+        self.size += n
+        return n
+
+    def flush(self) -> None:
+        try:
+            self.fh.flush()
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
 
 
-def _write_safetensors(out: _HashingWriter, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Write `tensors` in the safetensors format, one tensor at a time."""
-    if sys.byteorder != "little":
-        raise CheckpointError("checkpoints are written on little-endian machines only")
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for key, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        header[key] = {
-            "dtype": _DTYPES[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + nbytes],
+def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
+    """Write `state` as the checkpoint folder `path` (replacing an existing one atomically); returns `path`.
+
+    `state` usually holds model/optimizer/scheduler/scaler/weighting/calibrator state dicts (or None),
+    'rng' (see `capture_rng_state`), 'epoch', 'step', 'sampler', 'config', 'metrics' and 'best'.
+    What may be stored is listed in the module docstring; anything else raises CheckpointError before
+    anything is written.
+    """
+    plain = _storable(dict(state), "")
+    info: dict[str, Any] = {"file": DATA_FILE}
+
+    def write_state(fh: BinaryIO) -> None:
+        out = _HashingWriter(fh)
+        try:
+            torch.save(plain, out)
+        except BaseException:
+            if out.error is not None:
+                raise out.error from None
+            raise
+        info.update(bytes=out.size, sha256=out.sha.hexdigest())
+
+    def fill(folder: Path) -> None:
+        _write_file(folder / DATA_FILE, write_state)
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "mtvision_version": __version__,
+            "torch_version": torch.__version__,
+            "data": info,
         }
-        offset += nbytes
-    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    head += b" " * (-len(head) % 8)
-    out.write(struct.pack("<Q", len(head)))
-    out.write(head)
-    for tensor in tensors.values():
-        flat = tensor.to("cpu").resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8)
-        data = memoryview(flat.numpy())
-        for start in range(0, len(data), _CHUNK):
-            out.write(data[start : start + _CHUNK])
+        text = (json.dumps(manifest, indent=1) + "\n").encode("utf-8")
+        _write_file(folder / MANIFEST_FILE, lambda fh: fh.write(text))
+
+    return atomic_write_folder(path, fill)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# load
+
+
+def _delete_hint(folder: Path) -> str:
+    return (
+        f"; if this is the newest checkpoint of a run, delete the folder {folder} and --resume falls back "
+        "to the previous checkpoint"
+    )
+
+
+def _old_format_error(folder: Path) -> CheckpointError:
+    run = folder.parent.parent if folder.parent.name == "checkpoints" else None
+    model = run / "model" if run is not None else None
+    if model is not None and (model / "config.json").is_file():
+        usable = (
+            f"The model of that run is still usable: its pretrained folder loads with mtvision.load({str(model)!r}). "
+        )
+    else:
+        usable = (
+            "The pretrained folder a run writes when training ends (<output_dir>/model/: config.json + "
+            "model.safetensors) is unchanged and still loads with mtvision.load(). "
+        )
+    return CheckpointError(
+        f"{folder} is a training checkpoint in the pre-0.1 format (checkpoint format 1: {MANIFEST_FILE} + "
+        f"{LEGACY_TENSORS_FILE}) written by an older mtvision; this mtvision (checkpoint format {VERSION}: "
+        f"{MANIFEST_FILE} + {DATA_FILE}) cannot resume from it. {usable}To go on, start a new run (a new "
+        "output_dir, or --overwrite), or finish this run with the older mtvision that wrote it."
+    )
+
+
+def _resolve_folder(path: Path) -> Path:
+    if path.is_file():
+        if path.name in (MANIFEST_FILE, DATA_FILE, LEGACY_TENSORS_FILE):
+            return path.parent
+        raise CheckpointError(
+            f"{path} is not an mtvision checkpoint: expected a folder with {MANIFEST_FILE} and {DATA_FILE} "
+            "(lone .pt/.pth files are not loaded)"
+        )
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    return path
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    manifest_file = folder / MANIFEST_FILE
+    try:
+        manifest = json.loads(manifest_file.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        if (folder / LEGACY_TENSORS_FILE).exists() and not (folder / DATA_FILE).exists():
+            raise _old_format_error(folder) from None
+        raise CheckpointError(
+            f"incomplete checkpoint: {manifest_file} is missing (an interrupted save?){_delete_hint(folder)}"
+        ) from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(
+            f"corrupt or truncated checkpoint file {manifest_file}: {exc}{_delete_hint(folder)}"
+        ) from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{manifest_file} is not an mtvision checkpoint manifest")
+    version = manifest.get("version")
+    if isinstance(version, bool):
+        version = repr(version)
+    if version == 1:
+        raise _old_format_error(folder)
+    if not isinstance(version, int) or isinstance(version, bool) or version > VERSION:
+        written = manifest.get("mtvision_version", "another version")
+        raise CheckpointError(
+            f"{manifest_file} has checkpoint format version {version!r} (written by mtvision {written}); "
+            f"this mtvision reads format {VERSION}: use a matching mtvision"
+        )
+    info = manifest.get("data")
+    if (
+        not isinstance(info, dict)
+        or info.get("file") != DATA_FILE
+        or not isinstance(info.get("bytes"), int)
+        or not isinstance(info.get("sha256"), str)
+    ):
+        raise CheckpointError(f"malformed checkpoint manifest {manifest_file}: no valid 'data' entry")
+    return manifest
 
 
 def _file_digest(path: Path) -> str:
@@ -219,124 +280,56 @@ def _file_digest(path: Path) -> str:
     return sha.hexdigest()
 
 
-# ----------------------------------------------------------------------------------------------------------
-# save / load
-
-
-def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
-    """Write `state` as the checkpoint folder `path` (replacing an existing one atomically); returns `path`.
-
-    `state` usually holds model/optimizer/scheduler/scaler/weighting/calibrator state dicts (or None),
-    'rng' (see `capture_rng_state`), 'epoch', 'step', 'sampler', 'config', 'metrics' and 'best'.
-    """
-    path = Path(path)
-    tensors: dict[str, torch.Tensor] = {}
-    encoded = _encode(dict(state), "", tensors)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(path, "tmp")
-    os.mkdir(tmp)
-    old: Path | None = None
-    try:
-        info: dict[str, Any] = {"file": TENSORS_FILE}
-
-        def write_tensors(fh: BinaryIO) -> None:
-            out = _HashingWriter(fh)
-            _write_safetensors(out, tensors)
-            info.update(bytes=out.size, sha256=out.sha.hexdigest())
-
-        _write_file(tmp / TENSORS_FILE, write_tensors)
-        manifest = {"format": FORMAT, "version": VERSION, "tensors": info, "state": encoded}
-        text = json.dumps(manifest, allow_nan=False, separators=(",", ":")).encode("utf-8")
-        _write_file(tmp / STATE_FILE, lambda fh: fh.write(text))
-        _fsync_dir(tmp)
-        if path.exists() or path.is_symlink():
-            old = _temp_name(path, "old")
-            os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            if old is not None:
-                os.replace(old, path)
-                old = None
-            raise
-        _fsync_dir(path.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return path
-
-
-def _resolve_folder(path: Path) -> Path:
-    if path.is_file():
-        if path.name in (STATE_FILE, TENSORS_FILE):
-            return path.parent
-        raise CheckpointError(
-            f"{path} is not an mtvision checkpoint: expected a folder with {STATE_FILE} and {TENSORS_FILE} "
-            "(pickle-based files such as .pt/.pth are never loaded)"
-        )
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    return path
-
-
-def _read_manifest(state_file: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads(state_file.read_bytes().decode("utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"incomplete checkpoint: {state_file} is missing") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"corrupt or truncated checkpoint file {state_file}: {exc}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{state_file} is not an mtvision checkpoint manifest")
-    if not isinstance(manifest.get("version"), int) or manifest["version"] > VERSION:
-        raise CheckpointError(
-            f"{state_file} has checkpoint format version {manifest.get('version')!r}; this mtvision reads <= {VERSION}"
-        )
-    info = manifest.get("tensors")
-    if not isinstance(info, dict) or not {"bytes", "sha256"} <= set(info) or "state" not in manifest:
-        raise CheckpointError(f"{state_file} is missing required entries")
-    return manifest
+def _refusal(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    found = [line for line in lines if "WeightsUnpickler error" in line or "Unsupported global" in line]
+    return (found or lines or [type(exc).__name__])[0]
 
 
 def load_checkpoint(
     path: str | os.PathLike, map_location: str | torch.device = "cpu", verify: bool = True
 ) -> dict[str, Any]:
-    """The state saved by `save_checkpoint`, with its types (tuples, int keys, tensors) restored.
+    """The state saved by `save_checkpoint`, with its types (tuples, int keys, tensors) as they were saved.
 
     `path` is the checkpoint folder (or a file inside it). Tensors are placed on `map_location`.
-    `verify` checks the tensor file's SHA-256. Raises CheckpointError naming the bad file.
+    `verify` checks the state file's SHA-256 against the manifest. Raises CheckpointError naming the bad
+    file (and, for a damaged checkpoint, the folder to delete so that --resume uses the previous one).
     """
     folder = _resolve_folder(Path(path))
-    manifest = _read_manifest(folder / STATE_FILE)
-    tensor_file = folder / TENSORS_FILE
-    info = manifest["tensors"]
+    info = _read_manifest(folder)["data"]
+    data_file = folder / DATA_FILE
     try:
-        size = tensor_file.stat().st_size
+        size = data_file.stat().st_size
     except FileNotFoundError:
-        raise CheckpointError(f"incomplete checkpoint: {tensor_file} is missing") from None
+        raise CheckpointError(f"incomplete checkpoint: {data_file} is missing{_delete_hint(folder)}") from None
     if size != info["bytes"]:
         raise CheckpointError(
-            f"truncated or damaged checkpoint file {tensor_file}: {size} bytes, expected {info['bytes']}"
+            f"truncated or damaged checkpoint file {data_file}: {size} bytes, {folder / MANIFEST_FILE} says "
+            f"{info['bytes']}{_delete_hint(folder)}"
         )
-    if verify and _file_digest(tensor_file) != info["sha256"]:
-        raise CheckpointError(f"damaged checkpoint file {tensor_file}: SHA-256 does not match {folder / STATE_FILE}")
+    if verify and _file_digest(data_file) != info["sha256"]:
+        raise CheckpointError(
+            f"damaged or modified checkpoint file {data_file}: SHA-256 does not match {folder / MANIFEST_FILE}"
+            f"{_delete_hint(folder)}"
+        )
+    with open(data_file, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"PK\x03\x04":
+        raise CheckpointError(
+            f"{data_file} is not a torch.save archive, so not a checkpoint written by mtvision; it was not "
+            f"loaded{_delete_hint(folder)}"
+        )
     try:
-        tensors = safetensors.torch.load_file(tensor_file, device="cpu")
-    except (safetensors.SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"corrupt checkpoint file {tensor_file}: {exc}") from exc
-    if str(map_location) != "cpu":
-        tensors = {k: v.to(map_location) for k, v in tensors.items()}
-    used: set[str] = set()
-    try:
-        state = _decode(manifest["state"], tensors, used)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{folder}: {exc}") from exc
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"malformed checkpoint file {folder / STATE_FILE}: {exc}") from exc
-    if used != set(tensors) or not isinstance(state, dict):
-        raise CheckpointError(f"{tensor_file} does not match {folder / STATE_FILE} (unreferenced tensors)")
+        state = torch.load(data_file, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"refused to load {data_file}: it holds objects other than tensors and plain Python containers "
+            f"(torch.load(weights_only=True) rejected it and ran none of it: {_refusal(exc)})"
+        ) from exc
+    except Exception as exc:  # torch reports a damaged archive as RuntimeError, EOFError, ValueError...
+        raise CheckpointError(f"corrupt checkpoint file {data_file}: {exc}{_delete_hint(folder)}") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{data_file} does not hold a checkpoint state (a dict), but a {type(state).__name__}")
     return state
 
 
@@ -347,8 +340,9 @@ def load_checkpoint(
 def capture_rng_state() -> dict[str, Any]:
     """The states of Python's `random`, numpy's global RNG, torch's CPU RNG and the current CUDA device's RNG.
 
-    Python and numpy states are plain JSON-able values; torch states are uint8 tensors. The CUDA entry is
-    None unless CUDA is initialised (one device per process, as under torchrun).
+    Python and numpy states are plain ints, floats, strings and lists (JSON-able; no numpy objects), torch
+    states are uint8 tensors, so `torch.load(weights_only=True)` reads them back. The CUDA entry is None
+    unless CUDA is initialised (one device per process, as under torchrun).
     """
     version, internal, gauss = random.getstate()
     np_state = np.random.get_state(legacy=False)
@@ -356,10 +350,10 @@ def capture_rng_state() -> dict[str, Any]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         cuda = torch.cuda.get_rng_state(torch.cuda.current_device())
     return {
-        "python": {"version": version, "state": list(internal), "gauss": gauss},
+        "python": {"version": int(version), "state": [int(x) for x in internal], "gauss": gauss},
         "numpy": {
-            "bit_generator": np_state["bit_generator"],
-            "key": np_state["state"]["key"].tolist(),
+            "bit_generator": str(np_state["bit_generator"]),
+            "key": [int(x) for x in np_state["state"]["key"].tolist()],
             "pos": int(np_state["state"]["pos"]),
             "has_gauss": int(np_state["has_gauss"]),
             "gauss": float(np_state["gauss"]),
@@ -383,7 +377,7 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
             }
         )
         torch.set_rng_state(state["torch"].cpu())
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"malformed RNG state: {exc!r}") from exc
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"].cpu(), torch.cuda.current_device())
@@ -428,14 +422,15 @@ class CheckpointManager:
         return path
 
     def checkpoints(self) -> list[Path]:
-        """Complete checkpoint folders, oldest step first."""
+        """Complete checkpoint folders (those with a manifest), oldest step first."""
         if not self.root.is_dir():
             return []
         found = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := _STEP_DIR.fullmatch(p.name))]
-        return [p for _, p in sorted(found) if (p / STATE_FILE).is_file()]
+        return [p for _, p in sorted(found) if (p / MANIFEST_FILE).is_file()]
 
     def latest(self) -> Path | None:
-        """The last saved checkpoint (falling back to the newest complete folder), or None."""
+        """The last saved checkpoint (falling back to the newest complete folder when the pointer is
+        unreadable or its folder is gone or incomplete), or None."""
         found = self._pointer("last.json")
         if found is not None:
             return found
@@ -455,7 +450,7 @@ class CheckpointManager:
         if not isinstance(target, str) or not _STEP_DIR.fullmatch(target):
             return None
         path = self.root / target
-        return path if (path / STATE_FILE).is_file() else None
+        return path if (path / MANIFEST_FILE).is_file() else None
 
     def _prune(self) -> None:
         complete = self.checkpoints()

@@ -47,7 +47,7 @@ def evaluate(
     for batch in batches:
         images = batch["image"].to(device, non_blocking=True)
         with autocast_context(device, amp):
-            outputs = model(images, tasks=list(tasks))
+            outputs = model(images, tasks=list(tasks)).predictions
         sizes = _valid_sizes(batch, tuple(images.shape[-2:]))
         uniform = all(s == tuple(images.shape[-2:]) for s in sizes)
         for name, task in tasks.items():
@@ -95,7 +95,7 @@ def predict_panels(
     was_training = model.training
     model.eval()
     images = batch["image"][:limit].to(device)
-    outputs = model(images, tasks=list(tasks))
+    outputs = model(images, tasks=list(tasks)).predictions
     sizes = _valid_sizes(batch, tuple(images.shape[-2:]))
     panels = []
     for i in range(images.shape[0]):

@@ -1,10 +1,9 @@
-"""Experiment loggers: a JSON-lines file, a console metrics table and Weights & Biases, behind one interface.
+"""Experiment loggers: a JSON-lines file and Weights & Biases, behind one interface, plus the
+console metrics table (`format_metrics_table`) the trainer and `mtv-eval` print.
 
 Key convention for `log_scalars`: callers name values `<split>/<group>/<name>`, e.g.
-``train/loss/total``, ``train/loss/semseg``, ``train/lr``, ``val/semseg/mIoU``, ``val/depth/rmse``,
-``val/delta_m``.  Loggers keep keys exactly as given; `ConsoleLogger` tabulates the `val/...` and
-`test/...` keys (row = the part after the split, column = the rest) and leaves `train/...` to the
-progress bar.
+``train/loss``, ``train/loss/semseg``, ``train/lr``, ``val/semseg/mIoU``, ``val/depth/rmse``,
+``val/score``.  Loggers keep keys exactly as given.
 
 wandb is imported only when a `WandbLogger` is built.  It honours WANDB_MODE (e.g. ``offline``) and
 WANDB_DIR from the environment unless `mode` / `dir` are given; nothing here logs in.
@@ -17,7 +16,6 @@ import json
 import math
 import os
 import re
-import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,9 +26,8 @@ import numpy as np
 
 from mtvision.errors import MTVisionError
 from mtvision.tasks import IGNORE_INDEX, get_task
-from mtvision.visualize import image_grid, save_png
+from mtvision.visualize import image_grid
 
-TABLE_PREFIXES = ("val", "test")
 
 
 @dataclass
@@ -123,18 +120,6 @@ def format_metrics_table(metrics: Mapping[str, Mapping[str, float]]) -> str:
     return "\n".join([render(header), rule, *(render(line) for line in body)])
 
 
-def split_metric_keys(values: Mapping[str, float], prefix: str) -> dict[str, dict[str, float]]:
-    """`<prefix>/<task>/<metric>` keys as {task: {metric: value}}; `<prefix>/<name>` goes to row 'all'."""
-    table: dict[str, dict[str, float]] = {}
-    for key, value in values.items():
-        parts = key.split("/")
-        if len(parts) < 2 or parts[0] != prefix:
-            continue
-        row, column = ("all", parts[1]) if len(parts) == 2 else (parts[1], "/".join(parts[2:]))
-        table.setdefault(row, {})[column] = value
-    return table
-
-
 class Logger:
     """Interface of every logger; each method is a no-op here so subclasses implement what they support."""
 
@@ -194,21 +179,6 @@ class JsonlLogger(Logger):
         if self._file is not None:
             self._file.close()
             self._file = None
-
-
-class ConsoleLogger(Logger):
-    """Prints `val/...` and `test/...` scalars as an aligned table per split (see `format_metrics_table`)."""
-
-    def __init__(self, stream: TextIO | None = None, prefixes: Sequence[str] = TABLE_PREFIXES) -> None:
-        self.stream = stream
-        self.prefixes = tuple(prefixes)
-
-    def log_scalars(self, values: Mapping[str, float], step: int) -> None:
-        for prefix in self.prefixes:
-            table = split_metric_keys(values, prefix)
-            if table:
-                stream = self.stream if self.stream is not None else sys.stdout
-                print(f"{prefix} metrics at step {step}:\n{format_metrics_table(table)}", file=stream, flush=True)
 
 
 def colour_pair(
@@ -327,26 +297,6 @@ class WandbLogger(Logger):
             self.run = None
 
 
-class PredictionImageLogger(Logger):
-    """Writes each panel as ``<directory>/step_<step>/<sample_id>.png``: one row per task, image | target | prediction."""
-
-    def __init__(self, directory: str | Path) -> None:
-        self.directory = Path(directory)
-
-    def log_predictions(self, step: int, panels: Sequence[PredictionPanel]) -> None:
-        folder = self.directory / f"step_{int(step):07d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for index, panel in enumerate(panels):
-            rows = []
-            for task, prediction in panel.predictions.items():
-                target_rgb, prediction_rgb = colour_pair(task, panel.targets.get(task), prediction)
-                blank = np.zeros_like(prediction_rgb)
-                rows.append([panel.image, blank if target_rgb is None else target_rgb, prediction_rgb])
-            if rows:
-                stem = re.sub(r"[^\w\-.]", "_", panel.sample_id) or f"sample_{index}"
-                save_png(str(folder / f"{stem}.png"), image_grid(rows, titles=["image", "target", "prediction"]))
-
-
 class LoggerGroup(Logger):
     """Fans every call out to several loggers; `close` closes all of them even if one fails."""
 
@@ -385,7 +335,6 @@ def build_loggers(
     output_dir: str | Path,
     *,
     jsonl: bool = True,
-    console: bool = True,
     wandb: bool = False,
     wandb_project: str = "mtvision",
     wandb_entity: str | None = None,
@@ -393,13 +342,11 @@ def build_loggers(
     wandb_tags: Sequence[str] = (),
     config: Mapping[str, Any] | None = None,
     is_main_process: bool = True,
-    prediction_images: bool = False,
 ) -> LoggerGroup:
     """The loggers a run asks for; an empty group on non-main processes.
 
-    JSONL goes to ``<output_dir>/metrics.jsonl``, prediction PNGs (if asked) under
-    ``<output_dir>/predictions/``, wandb files under `output_dir` unless WANDB_DIR is set; `config`
-    is recorded through every logger's `log_config`.
+    JSONL goes to ``<output_dir>/metrics.jsonl``, wandb files under `output_dir` unless WANDB_DIR
+    is set; `config` is recorded through every logger's `log_config`.
     """
     if not is_main_process:
         return LoggerGroup()
@@ -407,10 +354,6 @@ def build_loggers(
     loggers: list[Logger] = []
     if jsonl:
         loggers.append(JsonlLogger(output_dir / "metrics.jsonl"))
-    if console:
-        loggers.append(ConsoleLogger())
-    if prediction_images:
-        loggers.append(PredictionImageLogger(output_dir / "predictions"))
     if wandb:
         wandb_dir = None if os.environ.get("WANDB_DIR") else output_dir
         loggers.append(

@@ -1,11 +1,10 @@
-"""Learning-rate schedules with linear warm-up: poly, cosine and constant."""
+"""Learning-rate schedules with linear warm-up: poly, cosine and constant, as plain functions of the
+step (`schedule(step)` is the factor on each group's peak learning rate)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-import torch
 
 SCHEDULES = ("poly", "cosine", "constant")
 
@@ -16,8 +15,8 @@ class WarmupSchedule:
 
     Warm-up rises linearly from `warmup_ratio` to 1 over `warmup_iters` steps.  After it, poly
     decays as (1 - p)^power and cosine as (1 + cos(pi p)) / 2, where p is the fraction of the
-    post-warm-up steps done; both end at `min_ratio` (min_lr / lr).  A plain dataclass, so that
-    LambdaLR's state_dict stores it as numbers.
+    post-warm-up steps done; both end at `min_ratio` (min_lr / lr).  Nothing to checkpoint: a
+    resumed run recomputes the factor from the step.
     """
 
     total_steps: int
@@ -47,8 +46,3 @@ class WarmupSchedule:
         else:
             shape = 0.5 * (1.0 + math.cos(math.pi * progress))
         return self.min_ratio + (1.0 - self.min_ratio) * shape
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, schedule: WarmupSchedule) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR stepping once per optimizer step."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from mtvision.models.backbones import Backbone, BackboneError, create_backbone
-from mtvision.models.decoders.base import BackboneFactory, MultiTaskDecoder
+from mtvision.models.decoders.base import BackboneFactory, ModelOutput, MultiTaskDecoder, graph_boundary, model_output
 from mtvision.models.heads import MultiScaleNeck, TaskHead
 from mtvision.search.spec import BranchingSpec, SpecError, as_spec
 from mtvision.tasks import Task
@@ -184,44 +184,39 @@ class BranchedDecoder(MultiTaskDecoder):
             {n: TaskHead(neck_channels, t.out_channels, head_channels, norm=norm) for n, t in tasks.items()}
         )
         self.output_stride = min(self.strides)
-        self._shared: list[Tensor] = []
 
     def stage_copy(self, stage: int, group: int) -> nn.Module:
         """The copy of backbone stage `stage` that group `group` of the spec runs."""
         return self.branches[stage][group]
 
-    def task_features(self, images: Tensor, tasks: Sequence[str]) -> dict[str, list[Tensor]]:
-        """Per selected task, its multi-scale backbone features (fine to coarse) along its path."""
+    def task_features(self, images: Tensor, tasks: Sequence[str]) -> tuple[dict[str, list[Tensor]], list[Tensor]]:
+        """Per selected task, its multi-scale backbone features (fine to coarse) along its path, and
+        the shared representation (see the class docstring)."""
         spec, depth = self.spec, self.spec.shared_depth()
         for t in tasks:
             spec.group_of(t, 0)  # SpecError for a task the model does not have
-        outputs: list[dict[int, Tensor]] = []
-        shared: list[Tensor] = []
-        for k in range(spec.num_stages):
-            wanted = sorted({spec.group_of(t, k) for t in tasks})
+        x, trunk = images, []
+        for k in range(depth):  # the stages every task shares: one copy each
+            x = self.branches[k][0](x)
+            trunk.append(x)
+        # the shared maps handed to the rest, as views: before the last shared stage they feed only the
+        # necks (the next stage reads the stage output itself); the last one feeds the necks and the
+        # first branched stage
+        shared = graph_boundary(trunk)
+        outputs: list[dict[int, Tensor]] = [{0: s} for s in shared]
+        for k in range(depth, spec.num_stages):
             level = {}
-            for g in wanted:
-                x = images if k == 0 else outputs[k - 1][spec.parent(k, g)]
-                level[g] = self.branches[k][g](x)
+            for g in sorted({spec.group_of(t, k) for t in tasks}):
+                level[g] = self.branches[k][g](images if k == 0 else outputs[k - 1][spec.parent(k, g)])
             outputs.append(level)
-            if k < depth:
-                # the shared maps handed to the rest: before the last shared stage, a view gives the neck
-                # path its own tensor, disjoint from the path into the next stage (which reads level[0]);
-                # the last shared output feeds both the necks and the first branched stage
-                out = level[0]
-                shared.append(out if k == depth - 1 else out.view_as(out))
-        self._shared = shared
         feats: dict[str, list[Tensor]] = {}
         for t in tasks:
             feats[t] = [shared[k] if k < depth else outputs[k][spec.group_of(t, k)] for k in range(spec.num_stages)]
-        return feats
+        return feats, shared
 
-    def forward(self, images: Tensor, tasks: Sequence[str]) -> dict[str, Tensor]:
-        feats = self.task_features(images, tasks)
-        return {t: self.heads[t](self.necks[t](feats[t])) for t in tasks}
-
-    def shared_representation(self) -> list[Tensor]:
-        return list(self._shared)
+    def forward(self, images: Tensor, tasks: Sequence[str]) -> ModelOutput:
+        feats, shared = self.task_features(images, tasks)
+        return model_output({t: self.heads[t](self.necks[t](feats[t])) for t in tasks}, shared=shared)
 
     def copy_users(self, stage: int, group: int) -> tuple[str, ...]:
         """The tasks whose paths run through copy `group` of `stage`."""

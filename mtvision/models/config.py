@@ -7,14 +7,15 @@ with `yaml.safe_load`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mtvision.config import ConfigError, from_dict
+from mtvision.config_io import ConfigError, from_dict
 from mtvision.data.sample import IMAGENET_MEAN, IMAGENET_STD
 from mtvision.errors import closest
 
@@ -94,6 +95,18 @@ class ModelConfig:
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
         self.preprocess.validate()
+
+    def resolved(
+        self, tasks: Sequence[str], num_classes: Mapping[str, int], input_size: Sequence[int]
+    ) -> ModelConfig:
+        """A copy for a run on `tasks`: `tasks` filled with the dataset's class counts when the section
+        names none, and `preprocess.input_size` set to the training size when it is not given."""
+        out = copy.deepcopy(self)
+        if not out.tasks:
+            out.tasks = {t: num_classes.get(t) for t in tasks}
+        if out.preprocess.input_size is None:
+            out.preprocess.input_size = [int(v) for v in input_size]
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict."""

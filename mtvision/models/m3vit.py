@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 from timm.layers import Mlp
@@ -30,7 +31,8 @@ from torch.utils.checkpoint import checkpoint
 
 from mtvision.errors import unknown_name
 from mtvision.models.backbones import Backbone, BackboneError
-from mtvision.models.moe import MoE
+from mtvision.models.decoders.base import graph_boundary
+from mtvision.models.moe import MoE, MoEOutput, MoEStats
 
 M3VIT_NUM_EXPERTS = 16
 M3VIT_TOP_K = 4
@@ -51,9 +53,11 @@ class MoEBlock(nn.Module):
         self.norm2, self.ls2, self.drop_path2 = block.norm2, block.ls2, block.drop_path2
         self.moe = moe
 
-    def forward(self, x: Tensor, tasks: str | Sequence[str] | None = None) -> Tensor:
+    def forward(self, x: Tensor, tasks: str | Sequence[str] | None = None) -> MoEOutput:
+        """The block's tokens, with the MoE call's balancing loss and routing statistics."""
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
-        return x + self.drop_path2(self.ls2(self.moe(self.norm2(x), tasks)))
+        moe = self.moe(self.norm2(x), tasks)
+        return moe._replace(output=x + self.drop_path2(self.ls2(moe.output)))
 
 
 def _dense_mlp(block: nn.Module, index: int) -> Mlp:
@@ -145,13 +149,24 @@ def moeify_vit(
     return indices
 
 
+class M3ViTFeatures(NamedTuple):
+    """What the M3ViT backbone returns: per task, its stride-p token maps (one per feature index);
+    the token state entering the first MoE block (where the task pathways branch); the summed
+    balancing loss of the MoE blocks (None when none applies); per MoE block, its routing stats."""
+
+    features: dict[str, list[Tensor]]
+    shared: Tensor
+    balance_loss: Tensor | None
+    stats: dict[int, MoEStats]
+
+
 class M3ViTBackbone(nn.Module):
     """A timm ViT with task-routed MoE blocks, returning per-task stride-p token maps.
 
     Built from a `Backbone` made by `create_backbone` on a plain timm ViT; its feature indices
     (`backbone.out_indices`) are the blocks whose outputs are returned, and they must not precede
-    the first MoE block (the task pathways branch there).  `forward(images, tasks)` returns
-    `{task: [N x d x H/p x W/p per feature index]}`.
+    the first MoE block (the task pathways branch there).  `forward(images, tasks)` returns an
+    `M3ViTFeatures`.
     """
 
     def __init__(self, backbone: Backbone, tasks: Sequence[str], **moe_options):
@@ -173,7 +188,6 @@ class M3ViTBackbone(nn.Module):
         patch = self.vit.patch_embed.patch_size
         self.channels = [self.vit.embed_dim] * len(self.taps)
         self.strides = [int(patch[0] if isinstance(patch, (tuple, list)) else patch)] * len(self.taps)
-        self._shared: Tensor | None = None
 
     def moe_layers(self) -> dict[int, MoE]:
         """Block index -> its MoE layer."""
@@ -189,45 +203,33 @@ class M3ViTBackbone(nn.Module):
             return checkpoint(block, x, use_reentrant=False)
         return block(x)
 
-    def forward(self, images: Tensor, tasks: Sequence[str] | None = None) -> dict[str, list[Tensor]]:
+    def forward(self, images: Tensor, tasks: Sequence[str] | None = None) -> M3ViTFeatures:
         names = list(self.tasks if tasks is None else tasks)
         for t in names:
             if t not in self.tasks:
                 raise unknown_name("task of this M3ViT backbone", t, self.tasks)
-        self.pop_aux_loss()  # drop anything left by an interrupted forward
         x = self.embed(images)
         for block in self.vit.blocks[: self.branch]:
             x = self._run_dense(block, x)
-        self._shared = x
+        (x,) = graph_boundary([x])
         h = x.repeat(len(names), 1, 1) if len(names) > 1 else x  # task-major stack of the pathways
         route = names if len(names) > 1 else names[0]
-        maps = []
+        maps, losses, stats = [], [], {}
         grid = self.vit.patch_embed.dynamic_feat_size(tuple(images.shape[-2:]))
         for i in range(self.branch, len(self.vit.blocks)):
             block = self.vit.blocks[i]
-            h = block(h, route) if isinstance(block, MoEBlock) else self._run_dense(block, h)
+            if isinstance(block, MoEBlock):
+                h, loss, stats[i] = block(h, route)
+                if loss is not None:
+                    losses.append(loss)
+            else:
+                h = self._run_dense(block, h)
             if i in self.taps:
                 tokens = h[:, self.vit.num_prefix_tokens :]
                 maps.append(tokens.reshape(tokens.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2))
         per_task = [m.chunk(len(names)) for m in maps]
-        return {t: [chunks[j] for chunks in per_task] for j, t in enumerate(names)}
-
-    def shared_representation(self) -> list[Tensor]:
-        """The token state entering the first MoE block in the last forward (every task flows through it)."""
-        return [self._shared] if self._shared is not None else []
-
-    def pop_aux_loss(self) -> Tensor | None:
-        """Sum of the MoE balancing losses since the last pop (None when there were none)."""
-        losses = [aux for moe in self.moe_layers().values() if (aux := moe.pop_aux_loss()) is not None]
-        return torch.stack(losses).sum() if losses else None
-
-    def expert_usage(self) -> dict[str, dict[str, Tensor]]:
-        """`{"blocks.i": {task: E-vector of (token, expert) assignment counts}}`, accumulated."""
-        return {f"blocks.{i}": moe.expert_usage() for i, moe in self.moe_layers().items()}
-
-    def reset_expert_usage(self) -> None:
-        for moe in self.moe_layers().values():
-            moe.reset_stats()
+        features = {t: [chunks[j] for chunks in per_task] for j, t in enumerate(names)}
+        return M3ViTFeatures(features, x, torch.stack(losses).sum() if losses else None, stats)
 
     def task_gate_parameters(self, task: str) -> list[nn.Parameter]:
         """`task`'s own gate parameters in every MoE layer."""

@@ -19,7 +19,7 @@ plain single gate.
 Dispatch: the (token, expert) assignments are sorted by expert (stable argsort, so earlier top-k
 ranks and earlier tokens win a place) and their position inside the expert decides whether they fit
 the expert's capacity.  Assignments beyond capacity are dropped (their contribution is zero, so a
-residual connection carries the token) and counted in `last_stats`.  The kept tokens then run
+residual connection carries the token) and counted in the call's `MoEStats`.  The kept tokens then run
 through their experts in one of two forms (`dispatch=`), with the same results up to rounding:
 
 - "grouped": the expert-sorted tokens are split into each expert's exact contiguous slice and each
@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -92,7 +93,10 @@ def top_k(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
 @dataclass
 class MoEStats:
     """Routing of one call: assignments per expert before (`load`) and after (`kept`) capacity,
-    summed gate values per expert (`importance`), dropped assignments and the capacity used."""
+    summed gate values per expert (`importance`), dropped assignments and the capacity used; per
+    routing row (each task, or "all" for task-less calls of a shared gate), the assignments per
+    expert before capacity (`usage`) and the dropped assignments (`dropped_by_row`).  Tensors stay
+    on the tokens' device (detached)."""
 
     tokens: int
     capacity: int
@@ -100,6 +104,17 @@ class MoEStats:
     kept: Tensor
     importance: Tensor
     dropped: int
+    usage: dict[str, Tensor]
+    dropped_by_row: dict[str, Tensor]
+
+
+class MoEOutput(NamedTuple):
+    """What one `MoE` call returns: the tokens, the balancing loss of this call (None when it does
+    not apply: eval mode, a zero weight, no tokens) and the routing statistics."""
+
+    output: Tensor
+    balance_loss: Tensor | None
+    stats: MoEStats
 
 
 class MoE(nn.Module):
@@ -176,16 +191,12 @@ class MoE(nn.Module):
         self.task_embedding = (
             nn.Parameter(torch.randn(len(self.tasks), task_embed_dim)) if routing == "task_embedding" else None
         )
-        rows = self._rows()
-        self.register_buffer("usage", torch.zeros(len(rows), num_experts, dtype=torch.long), persistent=False)
-        self.register_buffer("dropped_total", torch.zeros(len(rows), dtype=torch.long), persistent=False)
-        self.last_stats: MoEStats | None = None
-        self._aux: list[Tensor] = []
 
     # ------------------------------------------------------------------ public
-    def forward(self, x: Tensor, task: str | Sequence[str] | None = None) -> Tensor:
-        """Tokens ... x d -> ... x d.  `task` names the routing task; a sequence of T tasks splits the
-        leading dimension of `x` into T equal chunks, chunk i routed for task i (one dispatch for all)."""
+    def forward(self, x: Tensor, task: str | Sequence[str] | None = None) -> MoEOutput:
+        """Tokens ... x d -> `MoEOutput` with ... x d tokens.  `task` names the routing task; a sequence
+        of T tasks splits the leading dimension of `x` into T equal chunks, chunk i routed for task i
+        (one dispatch for all)."""
         if x.shape[-1] != self.dim:
             raise MoEError(f"expected tokens of width {self.dim}, got shape {tuple(x.shape)}")
         shape = x.shape
@@ -194,14 +205,20 @@ class MoE(nn.Module):
             raise MoEError(f"{len(chunk_tasks)} tasks cannot split a leading dimension of {shape[0]}")
         flat = x.reshape(-1, self.dim)
         chunks = flat.chunk(len(chunk_tasks)) if len(chunk_tasks) > 1 else (flat,)
-        indices, gates = [], []
+        indices, gates, balance, usage = [], [], [], {}
         for t, xc in zip(chunk_tasks, chunks):
-            idx, g = self._route(xc, t)
+            idx, g, aux = self._route(xc, t)
             indices.append(idx)
             gates.append(g)
+            if aux is not None:
+                balance.append(aux)
+            row = self._rows()[self._task_index(t)]
+            counts = torch.bincount(idx.reshape(-1), minlength=self.num_experts)
+            usage[row] = counts if row not in usage else usage[row] + counts
         idx, gate = (indices[0], gates[0]) if len(chunks) == 1 else (torch.cat(indices), torch.cat(gates))
-        out = self._dispatch(flat, idx, gate, chunk_tasks, [c.shape[0] for c in chunks])
-        return out.reshape(shape)
+        out, stats = self._dispatch(flat, idx, gate, chunk_tasks, [c.shape[0] for c in chunks], usage)
+        loss = torch.stack(balance).sum() if balance else None
+        return MoEOutput(out.reshape(shape), loss, stats)
 
     def expert(self, e: int, x: Tensor) -> Tensor:
         """Expert e applied densely to tokens x (reference path, for checks and tests)."""
@@ -212,25 +229,6 @@ class MoE(nn.Module):
         if self.capacity_factor is None or math.isinf(self.capacity_factor):
             return None
         return max(1, math.ceil(self.capacity_factor * tokens * self.top_k / self.num_experts))
-
-    def pop_aux_loss(self) -> Tensor | None:
-        """The balancing losses of the calls since the last pop, summed (None when there were none)."""
-        aux, self._aux = self._aux, []
-        return torch.stack(aux).sum() if aux else None
-
-    def reset_stats(self) -> None:
-        """Zero the accumulated expert-usage counts."""
-        self.usage.zero_()
-        self.dropped_total.zero_()
-
-    def expert_usage(self) -> dict[str, Tensor]:
-        """Accumulated (token, expert) assignments (before capacity) per task (and "all" for task-less
-        calls of a shared gate), each an E-vector of counts."""
-        return {r: self.usage[i].clone() for i, r in enumerate(self._rows())}
-
-    def dropped_usage(self) -> dict[str, int]:
-        """Accumulated dropped (token, expert) assignments per task (or "all")."""
-        return {r: int(self.dropped_total[i]) for i, r in enumerate(self._rows())}
 
     def gate_parameters(self, task: str) -> list[nn.Parameter]:
         """Parameters of `task`'s own gate ("per_task" routing; empty otherwise)."""
@@ -269,8 +267,8 @@ class MoE(nn.Module):
             std = F.softplus(inp @ self.noise_weight[key].float()) + self.noise_eps if noisy else None
         return clean, std
 
-    def _route(self, x: Tensor, task: str | None) -> tuple[Tensor, Tensor]:
-        row = self._task_index(task)
+    def _route(self, x: Tensor, task: str | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(top-k expert indices, their gate values, this chunk's balancing loss or None)."""
         clean, std = self.gate_logits(x, task)
         noisy_now = std is not None
         logits = clean + torch.randn_like(clean) * std if noisy_now else clean
@@ -280,6 +278,7 @@ class MoE(nn.Module):
         # the smooth load needs the (k+1)-th logit too: one topk serves both (noise makes ties impossible)
         top_values, idx = top_k(logits, k + 1 if smooth_load else k)
         gates = torch.softmax(top_values[:, :k], dim=-1)
+        aux = None
         if balance:
             full = torch.zeros_like(logits).scatter(1, idx[:, :k], gates)
             importance = full.sum(0)
@@ -287,11 +286,8 @@ class MoE(nn.Module):
                 load = prob_in_top_k(clean, logits, std, k, top=top_values).sum(0)
             else:
                 load = (full > 0).float().sum(0)
-            self._aux.append(self.balance_weight * (cv_squared(importance) + cv_squared(load)))
-        idx = idx[:, :k]
-        with torch.no_grad():
-            self.usage[row] += torch.bincount(idx.reshape(-1), minlength=self.num_experts)
-        return idx, gates
+            aux = self.balance_weight * (cv_squared(importance) + cv_squared(load))
+        return idx[:, :k], gates, aux
 
     # ------------------------------------------------------------------ dispatch
     def dispatch_form(self, device: torch.device | str) -> str:
@@ -302,7 +298,9 @@ class MoE(nn.Module):
             return self.dispatch
         return "grouped" if torch.device(device).type == "cpu" else "batched"
 
-    def _dispatch(self, x: Tensor, idx: Tensor, gates: Tensor, tasks: list, sizes: list[int]) -> Tensor:
+    def _dispatch(
+        self, x: Tensor, idx: Tensor, gates: Tensor, tasks: list, sizes: list[int], usage: dict[str, Tensor]
+    ) -> tuple[Tensor, MoEStats]:
         n, d = x.shape
         num_e = self.num_experts
         form = self.dispatch_form(x.device)
@@ -330,8 +328,7 @@ class MoE(nn.Module):
             out = self._grouped(x, token, gate, kept.tolist())
         else:
             out = self._batched(x, token, gate, kept, cap)
-        self._record(flat_gate, flat_expert, counts, kept, cap, dropped % max(n, 1), tasks, sizes)
-        return out
+        return out, self._stats(flat_gate, flat_expert, counts, kept, cap, dropped % max(n, 1), tasks, sizes, usage)
 
     def _expert_weights(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Tokens and stacked expert matrices, cast to the autocast dtype when autocast is on."""
@@ -372,20 +369,15 @@ class MoE(nn.Module):
         return x.new_zeros(n + 1, d).index_add_(0, slot_token, y.view(num_e * cap, d).to(x.dtype))[:n]
 
     @torch.no_grad()
-    def _record(self, flat_gate, flat_expert, counts, kept, cap, dropped_tokens, tasks, sizes) -> None:
+    def _stats(self, flat_gate, flat_expert, counts, kept, cap, dropped_tokens, tasks, sizes, usage) -> MoEStats:
         importance = flat_gate.new_zeros(self.num_experts, dtype=torch.float32)
         importance.index_add_(0, flat_expert, flat_gate.detach().float())
         dropped = dropped_tokens.numel()
-        self.last_stats = MoEStats(
-            tokens=int(sum(sizes)),
-            capacity=cap,
-            load=counts.cpu(),
-            kept=kept.cpu(),
-            importance=importance.cpu(),
-            dropped=dropped,
-        )
+        rows = self._rows()
+        by_row = {rows[self._task_index(t)]: counts.new_zeros(()) for t in tasks}
         if dropped:
             bounds = torch.tensor([0, *sizes], device=dropped_tokens.device).cumsum(0)
             for i, t in enumerate(tasks):
-                in_chunk = ((dropped_tokens >= bounds[i]) & (dropped_tokens < bounds[i + 1])).sum()
-                self.dropped_total[self._task_index(t)] += in_chunk
+                row = rows[self._task_index(t)]
+                by_row[row] = by_row[row] + ((dropped_tokens >= bounds[i]) & (dropped_tokens < bounds[i + 1])).sum()
+        return MoEStats(int(sum(sizes)), cap, counts, kept, importance, dropped, usage, by_row)

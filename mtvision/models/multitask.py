@@ -1,4 +1,4 @@
-"""`MultiTaskModel`: a decoder (with its backbones) plus the model contract of DESIGN.md."""
+"""`MultiTaskModel`: a decoder (with its backbones) behind the model contract of `decoders/base.py`."""
 
 from __future__ import annotations
 
@@ -9,16 +9,19 @@ from collections.abc import Iterator, Sequence
 from torch import Tensor, nn
 
 from mtvision.errors import unknown_name
+from mtvision.models import saving
 from mtvision.models.config import ModelConfig
-from mtvision.models.decoders.base import MultiTaskDecoder
+from mtvision.models.decoders.base import ModelOutput, MultiTaskDecoder
 from mtvision.models.heads import resize_to
 
 
 class MultiTaskModel(nn.Module):
-    """Images -> dict of raw per-task outputs (logits, depth, unnormalised normals) at input size.
+    """Images -> `ModelOutput`: raw per-task predictions (logits, depth, unnormalised normals) at
+    the input size, plus deep supervision, regularizers, the shared representation, branch points
+    and statistics (see `mtvision/models/decoders/base.py`).
 
-    `forward(images, tasks=None)` runs all tasks, or only what the listed tasks need.  Extra keys a
-    decoder returns (deep supervision: `aux`) pass through unchanged.  Built by `create_model`.
+    `forward(images, tasks=None)` runs all tasks, or only what the listed tasks need.  Built by
+    `create_model`.
     """
 
     def __init__(self, config: ModelConfig, decoder: MultiTaskDecoder):
@@ -46,21 +49,13 @@ class MultiTaskModel(nn.Module):
             raise ValueError("tasks must name at least one task (or be None for all)")
         return list(dict.fromkeys(tasks))
 
-    def forward(self, images: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
+    def forward(self, images: Tensor, tasks: Sequence[str] | None = None) -> ModelOutput:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be N x 3 x H x W, got shape {tuple(images.shape)}")
         names = self.select_tasks(tasks)
-        raw = self.decoder(images, names)
+        out = self.decoder(images, names)
         size = images.shape[-2:]
-        return {k: (resize_to(v, size) if k in self.tasks else v) for k, v in raw.items()}
-
-    def shared_representation(self) -> list[Tensor]:
-        """Tensors of the last forward that every task's loss flows through (see the decoder's docs)."""
-        return self.decoder.shared_representation()
-
-    def branch_representation(self) -> list[Tensor]:
-        """Tensors of the last forward where the shared part splits into branches (FULLER calibration)."""
-        return self.decoder.branch_representation()
+        return out._replace(predictions={t: resize_to(v, size) for t, v in out.predictions.items()})
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters every task's loss can reach (backbone, neck, mixing units)."""
@@ -72,22 +67,16 @@ class MultiTaskModel(nn.Module):
             raise unknown_name("task of this model", task, self.tasks)
         return self.decoder.task_parameters(task)
 
+    def state_scalars(self) -> dict[str, float]:
+        """The decoder's statistics of its own parameters, for the loggers."""
+        return self.decoder.state_scalars()
+
     # ------------------------------------------------------------------ pretrained folders
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write `config.json` and `model.safetensors` into `directory` (atomically)."""
-        from mtvision.models.pretrained import save_pretrained
-
-        save_pretrained(self, directory)
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | None = None) -> MultiTaskModel:
-        """Load a folder written by `save_pretrained` (or a hub repo id when huggingface_hub is installed)."""
-        from mtvision.models.pretrained import load_model
-
-        return load_model(name_or_path, device=device)
+        """Write `config.json` and `model.safetensors` as the folder `directory`, atomically (see
+        `mtvision/models/saving.py`); load it back with `mtvision.load` or `mtvision.models.load_model`."""
+        saving.save_pretrained(self, directory)
 
     def push_to_hub(self, repo_id: str, **kwargs) -> str:
         """Upload the pretrained folder to the Hugging Face hub (needs huggingface_hub)."""
-        from mtvision.models.pretrained import push_to_hub
-
-        return push_to_hub(self, repo_id, **kwargs)
+        return saving.push_to_hub(self, repo_id, **kwargs)

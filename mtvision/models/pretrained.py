@@ -1,8 +1,12 @@
-"""Pretrained folders: `config.json` + `model.safetensors`, written atomically, read without unpickling.
+"""Pretrained folders: `config.json` + `model.safetensors`, read without unpickling; `load_model`.
 
 config.json holds `format_version`, `mtvision_version` and the `ModelConfig` fields.  A newer
 format_version, an unknown key, a corrupt or truncated weights file, or a file that is not
 safetensors (e.g. a pickle) is a clear `ConfigError`/`CheckpointError`.
+
+This is the loading side; writing (`save_pretrained`, `folder_config`, `push_to_hub` and the file names)
+lives in `mtvision/models/saving.py`, which imports neither the registry nor `MultiTaskModel`, and is
+re-exported here.  The import order is one-way: pretrained -> registry -> multitask -> saving.
 """
 
 from __future__ import annotations
@@ -10,53 +14,43 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mtvision.atomic import atomic_write_path
-from mtvision.errors import MTVisionError, closest
+from mtvision import __version__
+from mtvision.errors import CheckpointError, closest
 from mtvision.models.config import ConfigError, ModelConfig
+from mtvision.models.registry import build_model
+from mtvision.models.saving import (
+    CONFIG_NAME,
+    FOLDER_FILES,
+    FORMAT_VERSION,
+    WEIGHTS_NAME,
+    folder_config,
+    push_to_hub,
+    save_pretrained,
+)
 
-FORMAT_VERSION = 1
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
+__all__ = [
+    "CONFIG_NAME",
+    "FOLDER_FILES",
+    "FORMAT_VERSION",
+    "WEIGHTS_NAME",
+    "CheckpointError",
+    "folder_config",
+    "load_model",
+    "parse_folder_config",
+    "push_to_hub",
+    "read_config",
+    "read_weights",
+    "resolve_folder",
+    "save_pretrained",
+]
+
 _VERSION_KEYS = ("format_version", "mtvision_version")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-class CheckpointError(MTVisionError, ValueError):
-    """A weights file that is missing, corrupt, not safetensors, or does not fit the model."""
-
-
-def folder_config(model: torch.nn.Module) -> dict[str, Any]:
-    """The config.json contents for `model` (backbone weights now live in model.safetensors)."""
-    from mtvision import __version__
-
-    data = model.config.to_dict()
-    data["backbone"]["weights"] = None
-    data["backbone"]["pretrained"] = False
-    return {"format_version": FORMAT_VERSION, "mtvision_version": __version__, **data}
-
-
-def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike) -> None:
-    """Write `config.json` and `model.safetensors` for `model` into `directory` (created if needed)."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    meta = {"format": "pt", "mtvision_format_version": str(FORMAT_VERSION)}
-    atomic_write_path(directory / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata=meta))
-    text = json.dumps(folder_config(model), indent=2) + "\n"
-
-    def write_json(tmp: Path) -> None:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-
-    atomic_write_path(directory / CONFIG_NAME, write_json)
 
 
 def parse_folder_config(data: Any, source: str = CONFIG_NAME) -> ModelConfig:
@@ -69,8 +63,6 @@ def parse_folder_config(data: Any, source: str = CONFIG_NAME) -> ModelConfig:
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise ConfigError(f"{source}: format_version must be a positive integer, got {version!r}")
     if version > FORMAT_VERSION:
-        from mtvision import __version__
-
         written = data.get("mtvision_version", "a newer version")
         raise ConfigError(
             f"{source} has format_version {version} (written by mtvision {written}); this mtvision "
@@ -134,8 +126,6 @@ def resolve_folder(name_or_path: str | os.PathLike) -> Path:
 
 def load_model(name_or_path: str | os.PathLike, device: str | torch.device | None = None) -> torch.nn.Module:
     """Rebuild and load the `MultiTaskModel` of a pretrained folder, in eval mode."""
-    from mtvision.models.registry import build_model
-
     folder = resolve_folder(name_or_path)
     config = read_config(folder)
     state = read_weights(folder / WEIGHTS_NAME)
@@ -164,19 +154,3 @@ def _load_shape_check(model: torch.nn.Module, state: dict[str, torch.Tensor]) ->
             raise CheckpointError(
                 f"tensor {key!r} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}"
             )
-
-
-def push_to_hub(
-    model: torch.nn.Module, repo_id: str, private: bool = True, commit_message: str = "Upload model"
-) -> str:
-    """Save `model` to a temporary folder and upload it to hub repo `repo_id`; returns the repo URL."""
-    try:
-        from huggingface_hub import HfApi
-    except ImportError:
-        raise MTVisionError("push_to_hub needs huggingface_hub: pip install huggingface_hub") from None
-    api = HfApi()
-    url = api.create_repo(repo_id, private=private, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_pretrained(model, tmp)
-        api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message)
-    return str(url)

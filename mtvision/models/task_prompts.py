@@ -39,7 +39,7 @@ from timm.layers import resample_abs_pos_embed, trunc_normal_
 from torch import Tensor, nn
 
 from mtvision.errors import MTVisionError
-from mtvision.models.decoders.base import BackboneFactory, MultiTaskDecoder
+from mtvision.models.decoders.base import BackboneFactory, ModelOutput, MultiTaskDecoder, model_output
 from mtvision.models.decoders.cross_task_attention import crop_to, pad_to_multiple
 from mtvision.models.heads import TaskHead, resize_to
 from mtvision.tasks import Task
@@ -111,7 +111,6 @@ class TaskPromptViT(nn.Module):
             })
             for _ in self.layers
         )
-        self.embedded: Tensor | None = None
 
     # ------------------------------------------------------------------ embedding
     def _embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
@@ -208,7 +207,6 @@ class TaskPromptViT(nn.Module):
         """Per-task feature maps at stride patch_size / 4 for `tasks` (all by default)."""
         tasks = list(tasks or self.task_names)
         x, grid = self._embed(images)
-        self.embedded = x
         p = self.prompts[None].expand(x.shape[0], -1, -1)
         feats: dict[str, Tensor] = {}
         for i in range(self.layers[-1]):
@@ -276,14 +274,11 @@ class TaskPrompterDecoder(MultiTaskDecoder):
         hidden = head_channels or embed_channels
         self.heads = nn.ModuleDict({t: TaskHead(embed_channels, s.out_channels, hidden) for t, s in tasks.items()})
 
-    def forward(self, images: Tensor, tasks: Sequence[str]) -> dict[str, Tensor]:
+    def forward(self, images: Tensor, tasks: Sequence[str]) -> ModelOutput:
         size = tuple(images.shape[-2:])
         padded = pad_to_multiple(images, self.size_divisor)
         feats = self.prompter(padded, tasks)
-        return {t: crop_to(self.heads[t](feats[t]), padded.shape[-2:], size) for t in tasks}
-
-    def shared_representation(self) -> list[Tensor]:
-        return []
+        return model_output({t: crop_to(self.heads[t](feats[t]), padded.shape[-2:], size) for t in tasks})
 
     def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
         yield from self.prompter.task_parameters(task)

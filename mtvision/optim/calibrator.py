@@ -1,11 +1,11 @@
 """Gradient calibration: per-task gradients -> Gramian -> aggregator weights -> combined `.grad`.
 
-`GradientCalibrator(model, aggregator, level).backward(losses)` leaves in every parameter's `.grad`
-what `optimizer.step()` needs (DESIGN.md, Calibrator contract):
+`GradientCalibrator(model, aggregator, level).backward(losses, features=..., branches=...)` leaves
+in every parameter's `.grad` what `optimizer.step()` needs:
 
-- level "features" (default): the per-task gradients g_t are taken with respect to the model's
-  shared representation (`model.shared_representation()`, the tensors every task's loss flows
-  through).  T cheap backward passes through the task heads give the g_t, K = G Gᵀ, the
+- level "features" (default): the per-task gradients g_t are taken with respect to `features`, the
+  shared representation of the forward that produced `losses` (the model output's `shared`: the
+  tensors every task's loss flows through).  T cheap backward passes through the task heads give the g_t, K = G Gᵀ, the
   aggregator turns K into weights w, and one backward pass of Σ_t w_t g_t through the shared part
   fills the shared parameters' gradients: about one backward pass in all.  Shared parameters that
   lie after the representation (cross-task attention or distillation modules feeding several
@@ -14,8 +14,8 @@ what `optimizer.step()` needs (DESIGN.md, Calibrator contract):
   through the whole network); the shared parameters get Σ_t w_t g_t.
 - level "fuller" (FULLER's multi-level calibration, Huang et al. ICCV 2023, adapted to dense
   prediction): task level as "features"; then the combined gradient is carried down to the
-  branch tensors (`model.branch_representation()`: the per-scale backbone features that feed the
-  neck), each branch's gradient is rescaled to the mean of the branches' gradient norms, and only
+  branch tensors (`branches`, the model output's branch points: the per-scale backbone features
+  that feed the neck), each branch's gradient is rescaled to the mean of the branches' gradient norms, and only
   then does it flow on into the backbone.
 
 Task-specific parameters (the heads) always get their own task's plain gradient ∂L_t/∂θ_t.
@@ -42,56 +42,29 @@ features level would otherwise have to keep every micro-batch's graph alive).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 
-import numpy as np
 import torch
-import torch.distributed as tdist
 from torch import Tensor, nn
 
-from mtvision.errors import MTVisionError, unknown_name
-from mtvision.optim.aggregators import Aggregator
+from mtvision import distributed as dist
+from mtvision.errors import unknown_name
+from mtvision.optim.aggregators import AGGREGATORS, Aggregator, make_aggregator
 from mtvision.optim.aggregators.graddrop import graddrop
+from mtvision.optim.gradients import (
+    CalibrationError,
+    CalibrationStats,
+    accumulate_grads,
+    calibration_stats,
+    gramian,
+    split_flat,
+    task_order,
+    upstream_parameters,
+)
 
 LEVELS = ("features", "params", "fuller")
 
-
-class CalibrationError(MTVisionError, ValueError):
-    """The model, losses or level do not allow gradient calibration."""
-
-
-@dataclass
-class CalibrationStats:
-    """What one calibrated backward pass saw: task weights, the (unscaled, global) Gramian and cosines."""
-
-    weights: dict[str, float]
-    gramian: Tensor
-    cosines: Tensor
-    finite: bool = True
-
-    @property
-    def condition_number(self) -> float:
-        """λ_max / λ_min of the Gramian (inf when singular, nan when not finite)."""
-        k = self.gramian.double().numpy()
-        if not np.isfinite(k).all():
-            return float("nan")
-        eig = np.linalg.eigvalsh(0.5 * (k + k.T))
-        top = float(eig[-1])
-        if top <= 0:
-            return float("inf")
-        low = float(eig[0])
-        return top / low if low > top * 1e-15 else float("inf")
-
-    def scalars(self) -> dict[str, float]:
-        """Flat values for loggers: `weight/<task>`, `cos/<a>~<b>` and `gramian_cond`."""
-        names = list(self.weights)
-        out = {f"weight/{t}": w for t, w in self.weights.items()}
-        for i in range(len(names)):
-            for j in range(i + 1, len(names)):
-                out[f"cos/{names[i]}~{names[j]}"] = float(self.cosines[i, j])
-        out["gramian_cond"] = self.condition_number
-        return out
+__all__ = ["LEVELS", "CalibrationError", "CalibrationStats", "GradDrop", "GradientCalibrator", "make_calibration_method"]
 
 
 class GradDrop:
@@ -121,84 +94,37 @@ class GradDrop:
         return f"GradDrop(leak={self.leak!r}, seed={self.seed})"
 
 
-def _task_order(losses: Mapping[str, Tensor]) -> list[str]:
-    if not losses:
-        raise CalibrationError("calibration needs at least one task loss")
-    for t, v in losses.items():
-        if not isinstance(v, Tensor) or v.numel() != 1:
-            raise CalibrationError(f"loss of task {t!r} must be a scalar tensor")
-        if not v.requires_grad:
-            raise CalibrationError(f"loss of task {t!r} does not require grad: compute it inside the training graph")
-    return list(losses)
-
-
-def split_flat(flat: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
-    """Views of a flat vector shaped like each of `params`, in order."""
-    out, offset = [], 0
-    for p in params:
-        out.append(flat[offset : offset + p.numel()].view_as(p))
-        offset += p.numel()
-    return out
-
-
-def accumulate_grads(params: Sequence[nn.Parameter], grads: Sequence[Tensor | None]) -> None:
-    for p, g in zip(params, grads):
-        if g is None:
-            continue
-        p.grad = g.detach().clone() if p.grad is None else p.grad + g.detach()
-
-
-def _distributed() -> bool:
-    return tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
-
-
-def _all_reduce_sum(t: Tensor) -> Tensor:
-    from mtvision.engine.distributed import all_reduce_sum_
-
-    return all_reduce_sum_(t)
-
-
-def upstream_parameters(tensors: Iterable[Tensor]) -> set[int]:
-    """ids of the leaf tensors (parameters) that `tensors` were computed from (an autograd graph walk)."""
-    seen: set[int] = set()
-    found: set[int] = set()
-    stack = [t.grad_fn for t in tensors if t.grad_fn is not None]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        variable = getattr(node, "variable", None)
-        if variable is not None:
-            found.add(id(variable))
-        stack.extend(n for n, _ in node.next_functions)
-    return found
-
-
 class GradientCalibrator:
     """Combine per-task gradients through `aggregator` (a Gramian -> weights map, or `GradDrop`) at `level`."""
 
     def __init__(self, model: nn.Module, aggregator: Aggregator | GradDrop, level: str = "features") -> None:
         if level not in LEVELS:
             raise CalibrationError(f"unknown calibration level {level!r} (valid: {', '.join(LEVELS)})")
-        for method in ("shared_parameters", "task_parameters", "shared_representation"):
+        for method in ("shared_parameters", "task_parameters"):
             if not hasattr(model, method):
                 raise CalibrationError(f"the model has no {method}(); calibrate a mtvision MultiTaskModel")
-        if level == "fuller" and not hasattr(model, "branch_representation"):
-            raise CalibrationError("level 'fuller' needs a model with branch_representation()")
         self.model, self.aggregator, self.level = model, aggregator, level
         self.synced_parameters: list[nn.Parameter] = []  # gradients already averaged across ranks
 
     # ------------------------------------------------------------------------------------ public
-    def backward(self, losses: Mapping[str, Tensor], loss_scale: float = 1.0) -> CalibrationStats:
-        """Fill `.grad` of every parameter from the per-task `losses` of the last forward pass."""
-        names = _task_order(losses)
+    def backward(
+        self,
+        losses: Mapping[str, Tensor],
+        features: Sequence[Tensor] = (),
+        branches: Sequence[Tensor] = (),
+        loss_scale: float = 1.0,
+    ) -> CalibrationStats:
+        """Fill `.grad` of every parameter from the per-task `losses` of one forward pass.
+
+        features: that forward's shared representation (levels "features" and "fuller");
+        branches: its branch points (level "fuller").  The "params" level needs neither."""
+        names = task_order(losses)
         scaled = {t: losses[t] * loss_scale for t in names} if loss_scale != 1.0 else dict(losses)
         heads = {t: [p for p in self.model.task_parameters(t) if p.requires_grad] for t in names}
         self.synced_parameters = []
         if self.level == "params":
             return self._params(names, scaled, heads, loss_scale)
-        return self._features(names, scaled, heads, loss_scale)
+        return self._features(names, scaled, heads, loss_scale, list(features), list(branches))
 
     def state_dict(self) -> dict:
         return self.aggregator.state_dict()
@@ -207,12 +133,12 @@ class GradientCalibrator:
         self.aggregator.load_state_dict(state)
 
     # ------------------------------------------------------------------------------------ levels
-    def _features(self, names, losses, heads, loss_scale: float) -> CalibrationStats:
-        reps = [r for r in self.model.shared_representation() if r.requires_grad]
+    def _features(self, names, losses, heads, loss_scale: float, features, branches) -> CalibrationStats:
+        reps = [r for r in features if r.requires_grad]
         if not reps:
             raise CalibrationError(
-                "the model exposes no shared representation that requires grad (cross-stitch and TaskPrompter "
-                "have none, nor has a frozen backbone): use level='params'"
+                "the model exposes no shared representation that requires grad (cross-stitch, TaskPrompter and "
+                "TAPS have none, nor has a frozen backbone): use level='params'"
             )
         # shared parameters downstream of the representation (cross-task attention, distillation):
         # they get Σ_t w_t ∂L_t/∂θ with the weights calibrated at the representation
@@ -228,27 +154,27 @@ class GradientCalibrator:
             per_task.append([torch.zeros_like(r) if g is None else g for r, g in zip(reps, rep_grads)])
             per_task_after.append(grads[n : n + len(after)])
             accumulate_grads(heads[t], grads[n + len(after) :])
-        world = tdist.get_world_size() if _distributed() else 1
-        gramian = _blockwise_gramian(per_task) / loss_scale**2
+        world = dist.world_size()
+        k = gramian(per_task) / loss_scale**2
         if world > 1:
-            _all_reduce_sum(gramian)
-            gramian /= world**2
-        finite = bool(torch.isfinite(gramian).all())
+            dist.all_reduce_sum_(k)
+            k /= world**2
+        finite = bool(torch.isfinite(k).all())
         if isinstance(self.aggregator, GradDrop):
             combined = self._graddrop_features(per_task, reps, finite)
             weights = torch.ones(len(names), dtype=torch.float64)
         else:
-            weights = self._weights(gramian, finite)
+            weights = self._weights(k, finite)
             combined = [sum(float(w) * gs[i] for w, gs in zip(weights, per_task)) for i in range(len(reps))]
         for i, p in enumerate(after):
             parts = [float(w) * gs[i] for w, gs in zip(weights, per_task_after) if gs[i] is not None]
             if parts:
                 accumulate_grads([p], [sum(parts)])
         if self.level == "fuller":
-            self._fuller(reps, combined, world)
+            self._fuller(reps, combined, branches, world)
         else:
             torch.autograd.backward(reps, grad_tensors=combined)  # through the shared part only
-        return _stats(names, weights, gramian, finite)
+        return calibration_stats(names, weights, k, finite)
 
     def _params(self, names, losses, heads, loss_scale: float) -> CalibrationStats:
         shared = [p for p in self.model.shared_parameters() if p.requires_grad]
@@ -264,22 +190,20 @@ class GradientCalibrator:
                 raise CalibrationError(f"task {t!r} has no gradient path to the shared parameters")
             torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(shared, grads)], out=flat[i])
             accumulate_grads(heads[t], grads[len(shared) :])
-        world = tdist.get_world_size() if _distributed() else 1
-        if world > 1:
-            _all_reduce_sum(flat)
-            flat /= world
-        gramian = _blockwise_gramian([[row] for row in flat]) / loss_scale**2
-        finite = bool(torch.isfinite(gramian).all())
+        if dist.world_size() > 1:
+            dist.all_reduce_mean_(flat)
+        k = gramian([[row] for row in flat]) / loss_scale**2
+        finite = bool(torch.isfinite(k).all())
         if isinstance(self.aggregator, GradDrop):
             weights = torch.ones(len(names), dtype=torch.float64)
             combined_flat = graddrop(flat, leak=self.aggregator.leak, generator=self.aggregator.generator) if finite else flat.sum(0)
         else:
-            weights = self._weights(gramian, finite)
+            weights = self._weights(k, finite)
             combined_flat = weights.to(flat) @ flat
         for p, part in zip(shared, split_flat(combined_flat, shared)):  # slices become the gradients: no copy
             p.grad = part if p.grad is None else p.grad + part
         self.synced_parameters = shared
-        return _stats(names, weights, gramian, finite)
+        return calibration_stats(names, weights, k, finite)
 
     # ------------------------------------------------------------------------------------ pieces
     def _weights(self, gramian: Tensor, finite: bool) -> Tensor:
@@ -296,16 +220,16 @@ class GradientCalibrator:
             grads = torch.stack([gs[i] for gs in per_task])  # T x B x ...
             if rep.ndim < 1 or grads.shape[1] == 0:
                 raise CalibrationError("GradDrop at the features level needs batched representation tensors")
-            reduce = _all_reduce_sum if _distributed() else None
+            reduce = dist.all_reduce_sum_ if dist.world_size() > 1 else None
             drop = self.aggregator
             out.append(graddrop(grads, rep.detach(), drop.leak, drop.generator, batch=True, reduce=reduce))
         return out
 
-    def _fuller(self, reps: list[Tensor], combined: list[Tensor], world: int) -> None:
+    def _fuller(self, reps: list[Tensor], combined: list[Tensor], branches: Sequence[Tensor], world: int) -> None:
         """Carry the calibrated gradient to the branch tensors, equalise their norms, go on down."""
-        branches = [b for b in self.model.branch_representation() if b.requires_grad]
+        branches = [b for b in branches if b.requires_grad]
         if not branches:
-            raise CalibrationError("level 'fuller' needs branch tensors (model.branch_representation() is empty)")
+            raise CalibrationError("level 'fuller' needs branch points (the model output's `branches` is empty)")
         below = upstream_parameters(branches)
         between = [p for p in self.model.shared_parameters() if p.requires_grad and id(p) not in below]
         grads = torch.autograd.grad(reps, branches + between, grad_outputs=combined, retain_graph=True, allow_unused=True)
@@ -313,7 +237,7 @@ class GradientCalibrator:
         accumulate_grads(between, grads[len(branches) :])
         sq = torch.stack([g.double().pow(2).sum() for g in branch_grads])
         if world > 1:
-            _all_reduce_sum(sq)
+            dist.all_reduce_sum_(sq)
         norms = sq.sqrt()
         active = norms > 0
         if bool(torch.isfinite(norms).all()) and bool(active.any()):
@@ -323,33 +247,11 @@ class GradientCalibrator:
         torch.autograd.backward(branches, grad_tensors=branch_grads)
 
 
-def _blockwise_gramian(per_task: list[list[Tensor]], block: int = 1 << 20) -> Tensor:
-    """K = G Gᵀ accumulated in float64 over blocks of the gradient tensors, without a float64 copy of
-    the whole T x N gradient matrix (at 448x576 that copy alone would be about 1 GB)."""
-    t = len(per_task)
-    gramian = torch.zeros(t, t, dtype=torch.float64, device=per_task[0][0].device)
-    for i in range(len(per_task[0])):
-        rows = torch.stack([gs[i].reshape(-1) for gs in per_task])
-        for part in rows.split(block, dim=1):
-            part = part.double()
-            gramian += part @ part.T
-    return gramian
-
-
-def _stats(names: list[str], weights: Tensor, gramian: Tensor, finite: bool) -> CalibrationStats:
-    g = gramian.detach().double().cpu()
-    norms = g.diagonal().clamp_min(0).sqrt()
-    cosines = g / (norms[:, None] * norms[None, :]).clamp_min(1e-30)
-    return CalibrationStats({n: float(w) for n, w in zip(names, weights)}, g, cosines, finite)
-
-
 def make_calibration_method(
     method: str, level: str = "features", sam_rho: float | None = None, **options
 ) -> Aggregator | GradDrop:
     """The aggregator `method` (a key of AGGREGATORS) or GradDrop, with its options checked, and the
     level / sharpness-aware combination checked too (no model needed: configs are checked early)."""
-    from mtvision.optim.aggregators import AGGREGATORS, make_aggregator
-
     if level not in LEVELS:
         raise CalibrationError(f"unknown calibration level {level!r} (valid: {', '.join(LEVELS)})")
     if sam_rho is not None and level != "params":
@@ -367,16 +269,3 @@ def make_calibration_method(
         if key not in valid:
             raise unknown_name(f"option of calibration method {method!r}", key, valid)
     return GradDrop(**options) if cls is GradDrop else make_aggregator(method, **options)
-
-
-def make_calibrator(
-    model: nn.Module, method: str, level: str = "features", sam_rho: float | None = None, **options
-):
-    """The calibrator for aggregator `method` (a key of AGGREGATORS, or "graddrop") at `level`;
-    with `sam_rho`, the sharpness-aware multi-task step (`mtvision.optim.sam`, params level) instead."""
-    aggregator = make_calibration_method(method, level, sam_rho, **options)
-    if sam_rho is not None:
-        from mtvision.optim.sam import SharpnessAwareCalibrator
-
-        return SharpnessAwareCalibrator(model, aggregator, sam_rho)
-    return GradientCalibrator(model, aggregator, level)

@@ -20,23 +20,23 @@ every rank perturbs and combines identically (`synced_parameters` lists what is 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
-import torch.distributed as tdist
 from torch import Tensor, nn
 
 from mtvision.optim.aggregators import Aggregator
-from mtvision.optim.calibrator import (
+from mtvision.optim.calibrator import GradDrop
+from mtvision.optim.gradients import (
     CalibrationError,
     CalibrationStats,
-    GradDrop,
-    _all_reduce_sum,
-    _distributed,
-    _stats,
-    _task_order,
     accumulate_grads,
+    average_across_ranks,
+    calibration_stats,
+    flatten,
+    gramian,
     split_flat,
+    task_order,
 )
 
 Recompute = Callable[[str], Tensor]
@@ -67,15 +67,20 @@ class SharpnessAwareCalibrator:
         self.flat_aggregator.load_state_dict(state["flat"])
 
     def backward(
-        self, losses: Mapping[str, Tensor], loss_scale: float = 1.0, recompute: Recompute | None = None
+        self,
+        losses: Mapping[str, Tensor],
+        features: Sequence[Tensor] = (),
+        branches: Sequence[Tensor] = (),
+        loss_scale: float = 1.0,
+        recompute: Recompute | None = None,
     ) -> CalibrationStats:
-        """Fill `.grad` from `losses` (this forward) and `recompute` (fresh forwards of one task)."""
+        """Fill `.grad` from `losses` (this forward) and `recompute` (fresh forwards of one task);
+        `features` and `branches` are not used (the step works on parameters)."""
         if recompute is None:
             raise CalibrationError("the sharpness-aware step needs recompute(task): a fresh forward of one task")
-        names = _task_order(losses)
+        names = task_order(losses)
         shared = [p for p in self.model.shared_parameters() if p.requires_grad]
         heads = {t: [p for p in self.model.task_parameters(t) if p.requires_grad] for t in names}
-        world = tdist.get_world_size() if _distributed() else 1
         # 1. plain per-task gradients over (shared, own head), averaged across ranks
         plain = []
         for i, t in enumerate(names):
@@ -83,17 +88,17 @@ class SharpnessAwareCalibrator:
             grads = torch.autograd.grad(losses[t] * loss_scale, params, retain_graph=i < len(names) - 1, allow_unused=True)
             if all(g is None for g in grads[: len(shared)]):
                 raise CalibrationError(f"task {t!r} has no gradient path to the shared parameters")
-            plain.append(_flat(params, grads, world) / loss_scale)
+            plain.append(average_across_ranks(flatten(params, grads)) / loss_scale)
         finite = all(bool(torch.isfinite(g).all()) for g in plain)
         # 2. SAM gradients at the per-task perturbed points
-        sam = [self._perturbed_gradient(t, shared + heads[t], g, recompute, loss_scale, world) if finite else g for t, g in zip(names, plain)]
+        sam = [self._perturbed_gradient(t, shared + heads[t], g, recompute, loss_scale) if finite else g for t, g in zip(names, plain)]
         finite = finite and all(bool(torch.isfinite(g).all()) for g in sam)
         # 3. shared part: loss and flatness groups, each through the aggregator
         n = sum(p.numel() for p in shared)
         loss_rows = torch.stack([g[:n] for g in plain])
         flat_rows = torch.stack([s[:n] - g[:n] for s, g in zip(sam, plain)])
-        k_loss = loss_rows.double() @ loss_rows.double().T
-        k_flat = flat_rows.double() @ flat_rows.double().T
+        k_loss = gramian([[row] for row in loss_rows])
+        k_flat = gramian([[row] for row in flat_rows])
         if finite:
             w_loss = self.aggregator(k_loss).double()
             w_flat = self.flat_aggregator(k_flat).double()
@@ -105,9 +110,9 @@ class SharpnessAwareCalibrator:
         for t, s in zip(names, sam):
             accumulate_grads(heads[t], split_flat(s[n:] * loss_scale, heads[t]))
         self.synced_parameters = shared + [p for t in names for p in heads[t]]
-        return _stats(names, w_loss, k_loss, finite)
+        return calibration_stats(names, w_loss, k_loss, finite)
 
-    def _perturbed_gradient(self, task, params, grad, recompute, loss_scale: float, world: int) -> Tensor:
+    def _perturbed_gradient(self, task, params, grad, recompute, loss_scale: float) -> Tensor:
         norm = grad.double().norm()
         if not float(norm) > 0:
             return grad.clone()
@@ -120,7 +125,7 @@ class SharpnessAwareCalibrator:
         try:
             loss = recompute(task)
             grads = torch.autograd.grad(loss * loss_scale, params, allow_unused=True)
-            return _flat(params, grads, world) / loss_scale
+            return average_across_ranks(flatten(params, grads)) / loss_scale
         finally:
             with torch.no_grad():
                 for p, original in zip(params, saved):
@@ -128,10 +133,3 @@ class SharpnessAwareCalibrator:
                 for b, original in zip(self.model.buffers(), buffers):
                     b.copy_(original)
 
-
-def _flat(params, grads, world: int) -> Tensor:
-    out = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)])
-    if world > 1:
-        _all_reduce_sum(out)
-        out /= world
-    return out

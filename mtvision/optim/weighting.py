@@ -106,6 +106,9 @@ class LossWeighting(nn.Module):
     name: ClassVar[str] = ""
     needs_shared_grads: ClassVar[bool] = False
     needs_losses_after_step: ClassVar[bool] = False
+    constant: ClassVar[bool] = False
+    """True for methods whose weights never change (EW, fixed): `forward` then reads no value back
+    from the device (no synchronisation), since there is no state to guard and nothing to report."""
 
     def __init__(self, tasks: Sequence[str]) -> None:
         super().__init__()
@@ -139,6 +142,8 @@ class LossWeighting(nn.Module):
     ) -> tuple[Tensor, dict[str, float]]:
         """(total loss to backpropagate, current weight of each task)."""
         vec = self.stack(losses)
+        if self.constant:
+            return self._combine(vec, int(step), True, shared)[0], self.constant_weights()
         finite = bool(torch.isfinite(vec.detach()).all())
         total, weights = self._combine(vec, int(step), finite, shared)
         reported = dict(zip(self.tasks, weights.detach().double().cpu().tolist()))
@@ -150,6 +155,10 @@ class LossWeighting(nn.Module):
 
     def _combine(self, vec: Tensor, step: int, finite: bool, shared: Any) -> tuple[Tensor, Tensor]:
         raise NotImplementedError(f"{type(self).__name__} must implement _combine")
+
+    def constant_weights(self) -> dict[str, float]:
+        """The weights of a `constant` method (every task 1.0 unless a subclass says otherwise)."""
+        return dict.fromkeys(self.tasks, 1.0)
 
     def extra_parameters(self) -> list[nn.Parameter]:
         """The method's own trainable parameters, for the trainer's optimizer (none for most methods)."""
@@ -169,6 +178,7 @@ class EqualWeighting(LossWeighting):
     """Equal weighting (EW): L = Σ_t L_t, every weight 1."""
 
     name = "ew"
+    constant = True
 
     def _combine(self, vec: Tensor, step: int, finite: bool, shared: Any) -> tuple[Tensor, Tensor]:
         return vec.sum(), torch.ones_like(vec.detach())
@@ -181,10 +191,14 @@ class FixedWeighting(LossWeighting):
     """
 
     name = "fixed"
+    constant = True
 
     def __init__(self, tasks: Sequence[str], weights: Mapping[str, float] | None = None) -> None:
         super().__init__(tasks)
         self.register_buffer("weights", torch.tensor(_task_values(self.tasks, weights, "weights", 1.0)))
+
+    def constant_weights(self) -> dict[str, float]:
+        return dict(zip(self.tasks, self.weights.tolist()))
 
     def _combine(self, vec: Tensor, step: int, finite: bool, shared: Any) -> tuple[Tensor, Tensor]:
         w = self.weights.to(vec)

@@ -24,11 +24,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from mtvision import distributed as dist
 from mtvision.config import save_config
 from mtvision.data.loader import ResumableSampler, collate, loader_seed, worker_init_fn
 from mtvision.data.sample import IMAGENET_MEAN, IMAGENET_STD
 from mtvision.data.transforms import train_transforms
-from mtvision.engine import distributed as dist
 from mtvision.engine.data import EpochKeyedSampler, SeededAugmentation, holdout_split, make_dataset
 from mtvision.engine.progress import Progress
 from mtvision.errors import MTVisionError

@@ -23,13 +23,14 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from mtvision.engine import distributed as dist
-from mtvision.engine.objective import average_gradients, compute_losses
+from mtvision import distributed as dist
+from mtvision.engine.objective import compute_losses
 from mtvision.models.backbones import create_backbone
 from mtvision.models.branched import BranchedDecoder
 from mtvision.models.config import ModelConfig
 from mtvision.models.heads import resize_to
 from mtvision.models.registry import build_model
+from mtvision.optim.gradients import average_gradients
 from mtvision.search.flops import FlopsTable, check_budget, spec_flops
 from mtvision.search.spec import BranchingSpec
 from mtvision.tasks import Task

@@ -29,7 +29,7 @@ def test_mtv_search_writes_a_spec_and_a_config_mtv_train_accepts(tmp_path, capsy
     assert main([CONFIG, *TINY, f"output_dir={out}", "--device", "cpu"]) == 0
     assert (out / "spec.yaml").is_file() and (out / "sharing.png").is_file()
     cfg = load_config(ExperimentConfig, out / "train_config.yaml")
-    assert cfg.model["decoder"] == "branched" and cfg.output_dir == f"{out}/train"
+    assert cfg.model.decoder == "branched" and cfg.output_dir == f"{out}/train"
     assert main([CONFIG, *TINY, f"output_dir={out}", "--device", "cpu"]) == 2  # in use without --overwrite
     assert "--overwrite" in capsys.readouterr().err
     assert main([CONFIG, *TINY, f"output_dir={out}", "--device", "cpu", "--overwrite"]) == 0

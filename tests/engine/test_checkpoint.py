@@ -1,4 +1,4 @@
-"""Tests of atomic writes, pickle-free checkpoints, RNG capture and the rotating checkpoint manager."""
+"""Tests of atomic writes, torch.save checkpoints loaded with weights_only, RNG capture and the rotating manager."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import json
 import os
 import pickle
 import random
-from collections import OrderedDict
+import shutil
+from collections import OrderedDict, namedtuple
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +21,8 @@ from mtvision import atomic
 from mtvision.atomic import atomic_write, atomic_write_bytes
 from mtvision.engine import checkpoint as ckpt
 from mtvision.engine.checkpoint import (
-    STATE_FILE,
-    TENSORS_FILE,
+    DATA_FILE,
+    MANIFEST_FILE,
     CheckpointError,
     CheckpointManager,
     capture_rng_state,
@@ -38,8 +39,6 @@ def assert_same(a, b, where="state"):
     if isinstance(a, torch.Tensor):
         assert a.dtype == b.dtype and a.shape == b.shape, where
         assert torch.equal(a.view(torch.uint8) if a.dtype == torch.bool else a, b), where
-    elif isinstance(a, np.ndarray):
-        assert a.dtype == b.dtype and np.array_equal(a, b), where
     elif isinstance(a, dict):
         assert list(a) == list(b), where
         for k in a:
@@ -79,13 +78,25 @@ class Budget:
         self.fh.close()
 
 
-def full_disk_after(monkeypatch, budget: int) -> None:
+def full_disk_after(monkeypatch, budget: int, only: str | None = None) -> None:
+    """Every new file (or only those named `only`) fails with ENOSPC after `budget` bytes."""
     real = atomic._open_new
-    monkeypatch.setattr(atomic, "_open_new", lambda path: Budget(real(path), budget))
+
+    def opener(path):
+        fh = real(path)
+        return Budget(fh, budget) if only is None or Path(path).name == only else fh
+
+    monkeypatch.setattr(atomic, "_open_new", opener)
 
 
 def listing(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
+
+
+def umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 # ---------------------------------------------------------------------------------------------- atomic writes
@@ -124,24 +135,26 @@ def test_atomic_write_keeps_old_file_on_any_exception(tmp_path, monkeypatch):
     assert listing(tmp_path) == ["f.bin"]
 
 
-# ---------------------------------------------------------------------------------------------- encoding
+# ---------------------------------------------------------------------------------------------- format
 
 
 def rich_state() -> dict:
+    model = nn.BatchNorm2d(3).state_dict()  # an OrderedDict with `_metadata`, as every state_dict()
+    model.update(
+        [
+            ("backbone.conv.weight", torch.randn(4, 3, 3, 3)),
+            ("half", torch.randn(5).to(torch.bfloat16)),
+            ("mask", torch.tensor([True, False, True])),
+            ("strided", torch.arange(12.0).reshape(3, 4).t()),
+            ("empty", torch.zeros(0, 3)),
+            ("u8", torch.arange(7, dtype=torch.uint8)),
+        ]
+    )
     return {
-        "model": OrderedDict(
-            [
-                ("backbone.conv.weight", torch.randn(4, 3, 3, 3)),
-                ("backbone.bn.num_batches_tracked", torch.tensor(7)),
-                ("half", torch.randn(5).to(torch.bfloat16)),
-                ("mask", torch.tensor([True, False, True])),
-                ("strided", torch.arange(12.0).reshape(3, 4).t()),
-                ("empty", torch.zeros(0, 3)),
-            ]
-        ),
+        "model": model,
         "optimizer": {
-            "state": {0: {"step": torch.tensor(3.0)}},
-            "param_groups": [{"betas": (0.9, 0.999), "params": [0]}],
+            "state": {0: {"step": torch.tensor(3.0)}, 1: {"exp_avg": torch.randn(2, dtype=torch.float64)}},
+            "param_groups": [{"betas": (0.9, 0.999), "params": [0, 1], "foreach": None}],
         },
         "scheduler": None,
         "scaler": {},
@@ -152,10 +165,9 @@ def rich_state() -> dict:
         "config": {"optim": {"lr": 1e-3}, "data": {"tasks": ["semseg", "depth"]}},
         "metrics": {"semseg.mIoU": 41.5, "bad": float("nan"), "inf": float("-inf"), "np": np.float64(2.5)},
         "best": {"metric": "delta_m", "value": -1.25, "step": 100},
-        "odd_keys": {1.5: "f", None: "n", True: "b", (1, "a"): "t"},
+        "odd_keys": {1.5: "f", None: "n", True: "b", (1, "a"): "t", np.int64(4): "np"},
         "tag_like": {"__tuple__": [1, 2]},
         "nested_tuple": ((1, 2), [3, (4,)]),
-        "array": np.arange(6, dtype=np.uint32).reshape(2, 3),
         "a.b": torch.ones(1),
         "a": {"b": torch.zeros(1)},
     }
@@ -164,38 +176,62 @@ def rich_state() -> dict:
 def test_round_trip_keeps_types_and_values(tmp_path):
     state = rich_state()
     path = save_checkpoint(tmp_path / "ck", state)
-    assert listing(path) == [STATE_FILE, TENSORS_FILE]
+    assert listing(path) == [MANIFEST_FILE, DATA_FILE]
     loaded = load_checkpoint(path)
     expected = dict(state)
-    expected["model"] = dict(state["model"])  # OrderedDict is stored as a dict
     expected["metrics"] = {**state["metrics"], "np": 2.5}  # numpy scalars become Python numbers
+    expected["odd_keys"] = {**{k: v for k, v in state["odd_keys"].items() if v != "np"}, 4: "np"}
     assert_same(loaded, expected)
-    assert loaded["model"]["strided"].is_contiguous()
+    assert type(loaded["model"]) is OrderedDict and loaded["model"]._metadata == state["model"]._metadata
+    assert type(loaded["metrics"]["np"]) is float and type(next(reversed(loaded["odd_keys"]))) is int
+    assert loaded["model"]["strided"].stride() == (1, 4)  # stored as it was, not made contiguous
 
 
-def test_tensor_file_is_standard_safetensors_with_dotted_keys(tmp_path):
-    path = save_checkpoint(tmp_path / "ck", rich_state())
-    tensors = safetensors.torch.load_file(path / TENSORS_FILE)
-    assert "model.backbone.conv.weight" in tensors and "optimizer.state.0.step" in tensors
-    assert "a.b" in tensors and "a.b#1" in tensors  # clashing dotted paths get distinct keys
-    manifest = json.loads((path / STATE_FILE).read_text())
-    assert manifest["state"]["optimizer"]["param_groups"][0]["betas"] == {"__tuple__": [0.9, 0.999]}
+def test_state_file_is_a_standard_torch_archive_that_loads_with_weights_only(tmp_path):
+    state = rich_state()
+    path = save_checkpoint(tmp_path / "ck", state)
+    direct = torch.load(path / DATA_FILE, weights_only=True)
+    assert_same(direct, load_checkpoint(path))
+    manifest = json.loads((path / MANIFEST_FILE).read_text())
+    assert manifest["format"] == "mtvision-checkpoint" and manifest["version"] == ckpt.VERSION == 2
+    assert manifest["data"]["file"] == DATA_FILE
+    assert manifest["data"]["bytes"] == (path / DATA_FILE).stat().st_size
+    assert manifest["data"]["sha256"] == ckpt._file_digest(path / DATA_FILE)
+    assert {"mtvision_version", "torch_version"} <= set(manifest)
+
+
+def test_views_are_stored_without_their_whole_storage(tmp_path):
+    big = torch.arange(1_000_000.0)
+    path = save_checkpoint(tmp_path / "ck", {"view": big[10:20], "param": nn.Parameter(torch.ones(3))})
+    assert (path / DATA_FILE).stat().st_size < 100_000  # the 4 MB storage behind the view is not written
+    loaded = load_checkpoint(path)
+    assert torch.equal(loaded["view"], big[10:20])
+    assert type(loaded["param"]) is torch.Tensor and not loaded["param"].requires_grad
 
 
 def test_unstorable_objects_are_refused_before_writing(tmp_path):
     with pytest.raises(CheckpointError, match=r"cannot store a \w*Path at 'config\.root'"):
         save_checkpoint(tmp_path / "ck", {"config": {"root": Path("/x")}})
-    with pytest.raises(CheckpointError, match=r"numpy array of dtype <U1 at 'names'"):
+    with pytest.raises(CheckpointError, match=r"cannot store a numpy array at 'names'.*torch\.from_numpy"):
         save_checkpoint(tmp_path / "ck", {"names": np.array(["a", "b"])})
+    with pytest.raises(CheckpointError, match=r"cannot store a numpy array at 'rng\.key'"):
+        save_checkpoint(tmp_path / "ck", {"rng": {"key": np.arange(3, dtype=np.uint32)}})
     with pytest.raises(CheckpointError, match="dict key"):
         save_checkpoint(tmp_path / "ck", {"x": {object(): 1}})
+    with pytest.raises(CheckpointError, match=r"cannot store a Point at 'p'"):
+        save_checkpoint(tmp_path / "ck", {"p": namedtuple("Point", "x y")(1, 2)})
+    with pytest.raises(CheckpointError, match=r"cannot store a set at 'f\.1'"):
+        save_checkpoint(tmp_path / "ck", {"f": [0, {1}]})
+    with pytest.raises(CheckpointError, match=r"cannot store a dtype at 'dtype'"):
+        save_checkpoint(tmp_path / "ck", {"dtype": torch.float16})
     assert listing(tmp_path) == []
 
 
 def test_load_to_other_device_name(tmp_path):
     save_checkpoint(tmp_path / "ck", {"w": torch.ones(2)})
-    loaded = load_checkpoint(tmp_path / "ck" / STATE_FILE, map_location=torch.device("cpu"))
-    assert torch.equal(loaded["w"], torch.ones(2))
+    for target in (tmp_path / "ck" / MANIFEST_FILE, tmp_path / "ck" / DATA_FILE):
+        loaded = load_checkpoint(target, map_location=torch.device("cpu"))
+        assert torch.equal(loaded["w"], torch.ones(2)) and loaded["w"].device.type == "cpu"
 
 
 # ---------------------------------------------------------------------------------------------- exact resume
@@ -278,7 +314,7 @@ def test_rng_state_round_trip(tmp_path):
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     np.random.standard_normal()  # leaves a cached Gaussian in numpy's state
     state = capture_rng_state()
-    json.dumps({"python": state["python"], "numpy": state["numpy"]})  # JSON-able
+    json.dumps({"python": state["python"], "numpy": state["numpy"]})  # plain values, no numpy objects
     expected = (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3))
     save_checkpoint(tmp_path / "ck", {"rng": state})
     random.seed(5), np.random.seed(5), torch.manual_seed(5)
@@ -289,52 +325,78 @@ def test_rng_state_round_trip(tmp_path):
         restore_rng_state({"python": state["python"]})
 
 
+def test_rng_state_holds_only_types_weights_only_loading_accepts(tmp_path):
+    np.random.standard_normal()
+    state = capture_rng_state()
+
+    def leaves(value):
+        if isinstance(value, dict):
+            for v in value.values():
+                yield from leaves(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                yield from leaves(v)
+        else:
+            yield value
+
+    assert {type(v) for v in leaves(state)} <= {int, float, str, type(None), torch.Tensor}
+    torch.save({"rng": state}, tmp_path / "rng.pt")
+    assert_same(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"], state)
+
+
 # ---------------------------------------------------------------------------------------------- corruption
 
 
 def test_truncated_or_damaged_files_are_named(tmp_path):
     path = save_checkpoint(tmp_path / "ck", {"w": torch.arange(1000.0), "step": 1})
-    tensors = path / TENSORS_FILE
-    data = tensors.read_bytes()
+    state_file = path / DATA_FILE
+    data = state_file.read_bytes()
 
-    tensors.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=f"truncated.*{TENSORS_FILE}"):
+    state_file.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=f"truncated.*{DATA_FILE}.*delete the folder {path}"):
         load_checkpoint(path)
 
     damaged = bytearray(data)
-    damaged[-5] ^= 0xFF
-    tensors.write_bytes(bytes(damaged))
-    with pytest.raises(CheckpointError, match=f"damaged checkpoint file .*{TENSORS_FILE}: SHA-256"):
+    damaged[len(data) // 2] ^= 0xFF
+    state_file.write_bytes(bytes(damaged))
+    with pytest.raises(CheckpointError, match=f"damaged or modified checkpoint file .*{DATA_FILE}: SHA-256"):
         load_checkpoint(path)
 
-    tensors.write_bytes(data)
-    state_text = (path / STATE_FILE).read_text()
-    (path / STATE_FILE).write_text(state_text[: len(state_text) // 2])
-    with pytest.raises(CheckpointError, match=f"corrupt or truncated checkpoint file .*{STATE_FILE}"):
+    state_file.write_bytes(data)
+    manifest_text = (path / MANIFEST_FILE).read_text()
+    (path / MANIFEST_FILE).write_text(manifest_text[: len(manifest_text) // 2])
+    with pytest.raises(CheckpointError, match=f"corrupt or truncated checkpoint file .*{MANIFEST_FILE}"):
         load_checkpoint(path)
 
-    (path / STATE_FILE).unlink()
-    with pytest.raises(CheckpointError, match=f"incomplete checkpoint: .*{STATE_FILE} is missing"):
+    (path / MANIFEST_FILE).unlink()
+    with pytest.raises(CheckpointError, match=f"incomplete checkpoint: .*{MANIFEST_FILE} is missing"):
         load_checkpoint(path)
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "nothing")
     assert issubclass(CheckpointError, MTVisionError)
 
 
-def test_header_corruption_caught_by_safetensors_without_verify(tmp_path):
+def test_missing_state_file_is_incomplete(tmp_path):
+    path = save_checkpoint(tmp_path / "ck", {"step": 1})
+    (path / DATA_FILE).unlink()
+    with pytest.raises(CheckpointError, match=f"incomplete checkpoint: .*{DATA_FILE} is missing"):
+        load_checkpoint(path)
+
+
+def test_archive_corruption_caught_by_torch_without_verify(tmp_path):
     path = save_checkpoint(tmp_path / "ck", {"w": torch.arange(10.0)})
-    data = bytearray((path / TENSORS_FILE).read_bytes())
-    data[8:12] = b"\x00\x01\x02\x03"  # break the JSON header, keep the size
-    (path / TENSORS_FILE).write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=f"corrupt checkpoint file .*{TENSORS_FILE}"):
+    data = bytearray((path / DATA_FILE).read_bytes())
+    data[-22:] = b"\x00" * 22  # wipe the zip's end-of-central-directory record, keep the size
+    (path / DATA_FILE).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"corrupt checkpoint file .*{DATA_FILE}.*delete the folder"):
         load_checkpoint(path, verify=False)
 
 
 def test_newer_format_version_is_refused(tmp_path):
     path = save_checkpoint(tmp_path / "ck", {"step": 1})
-    manifest = json.loads((path / STATE_FILE).read_text())
+    manifest = json.loads((path / MANIFEST_FILE).read_text())
     manifest["version"] = 99
-    (path / STATE_FILE).write_text(json.dumps(manifest))
+    (path / MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="format version 99"):
         load_checkpoint(path)
 
@@ -347,23 +409,76 @@ class Exploit:
         return (Path.touch, (self.marker,))
 
 
-@pytest.mark.parametrize("name", ["model.pt", STATE_FILE, TENSORS_FILE])
+def _valid_manifest_for(state_file: Path) -> None:
+    """Pair `state_file` with a manifest that matches it (an attacker who can write both files)."""
+    info = {"file": DATA_FILE, "bytes": state_file.stat().st_size, "sha256": ckpt._file_digest(state_file)}
+    manifest = {"format": "mtvision-checkpoint", "version": ckpt.VERSION, "data": info}
+    (state_file.parent / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("name", ["model.pt", MANIFEST_FILE, DATA_FILE, ckpt.LEGACY_TENSORS_FILE])
 def test_pickle_posing_as_checkpoint_is_not_executed(tmp_path, name):
     marker = tmp_path / "pwned"
     payload = pickle.dumps({"model": Exploit(marker)})
     pickle_path = tmp_path / "ck" / name
     pickle_path.parent.mkdir()
     pickle_path.write_bytes(payload)
-    if name == TENSORS_FILE:  # pair the pickle with a valid manifest
-        manifest = {"format": "mtvision-checkpoint", "version": 1, "state": {}}
-        manifest["tensors"] = {"file": TENSORS_FILE, "bytes": len(payload), "sha256": ckpt._file_digest(pickle_path)}
-        (pickle_path.parent / STATE_FILE).write_text(json.dumps(manifest))
+    if name == DATA_FILE:
+        _valid_manifest_for(pickle_path)
     for target in (pickle_path, pickle_path.parent):
         with pytest.raises(CheckpointError):
             load_checkpoint(target)
     assert not marker.exists()
     pickle.loads(payload)  # the payload is live: loading it *would* have created the marker
     assert marker.exists()
+
+
+def test_torch_archive_with_an_object_is_refused_by_weights_only(tmp_path):
+    marker = tmp_path / "pwned"
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    torch.save({"model": {"w": torch.ones(1)}, "hook": Exploit(marker)}, folder / DATA_FILE)  # a real zip archive
+    _valid_manifest_for(folder / DATA_FILE)
+    with pytest.raises(CheckpointError, match=r"refused to load .*state\.pt.*weights_only=True.*ran none of it"):
+        load_checkpoint(folder)
+    assert not marker.exists()
+    torch.load(folder / DATA_FILE, weights_only=False)  # the archive is live: unrestricted loading runs it
+    assert marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------- old format
+
+
+def write_old_format_checkpoint(folder: Path) -> None:
+    """A checkpoint folder as earlier development versions wrote it (format 1)."""
+    folder.mkdir(parents=True)
+    safetensors.torch.save_file({"model.w": torch.ones(2)}, str(folder / ckpt.LEGACY_TENSORS_FILE))
+    info = {"file": ckpt.LEGACY_TENSORS_FILE, "bytes": (folder / ckpt.LEGACY_TENSORS_FILE).stat().st_size}
+    state = {"model": {"w": {"__tensor__": "model.w"}}, "step": 4}
+    manifest = {"format": "mtvision-checkpoint", "version": 1, "tensors": {**info, "sha256": "0" * 64}, "state": state}
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def test_old_format_checkpoint_gets_a_clear_error(tmp_path):
+    run = tmp_path / "run"
+    old = run / "checkpoints" / "step_000004"
+    write_old_format_checkpoint(old)
+    (run / "model").mkdir()
+    (run / "model" / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(old)
+    message = str(info.value)
+    assert str(old) in message and "pre-0.1 format" in message and "older mtvision" in message
+    assert f"mtvision.load({str(run / 'model')!r})" in message
+    assert "start a new run" in message and "older mtvision that wrote it" in message
+    assert CheckpointManager(run).latest() == old  # --resume finds it and reports the same error
+
+    shutil.rmtree(run / "model")  # an interrupted run: no pretrained folder yet
+    with pytest.raises(CheckpointError, match=r"pre-0\.1 format.*<output_dir>/model/.*mtvision\.load"):
+        load_checkpoint(old / ckpt.LEGACY_TENSORS_FILE)
+    (old / MANIFEST_FILE).unlink()  # an old folder whose save was interrupted is recognised as well
+    with pytest.raises(CheckpointError, match="pre-0.1 format"):
+        load_checkpoint(old)
 
 
 # ---------------------------------------------------------------------------------------------- manager
@@ -384,13 +499,14 @@ def test_manager_rotates_and_keeps_best(tmp_path):
     assert listing(tmp_path / "checkpoints") == ["best.json", "last.json", "step_000040", "step_000050"]
 
 
-def test_manager_survives_a_full_disk_mid_save(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failing", [DATA_FILE, MANIFEST_FILE])
+def test_manager_survives_a_full_disk_mid_save(tmp_path, monkeypatch, failing):
     manager = CheckpointManager(tmp_path, keep_last=1)
     good = {"step": 1, "w": torch.arange(4096.0)}
     manager.save(good, 1, is_best=True)
     before = listing(tmp_path / "checkpoints")
 
-    full_disk_after(monkeypatch, 5000)  # fails inside the tensor file of the next save
+    full_disk_after(monkeypatch, 100, only=failing)  # fails inside that file of the next save
     with pytest.raises(OSError) as info:
         manager.save({"step": 2, "w": torch.arange(4096.0) + 1}, 2)
     assert info.value.errno == errno.ENOSPC
@@ -420,8 +536,27 @@ def test_latest_falls_back_when_pointer_is_bad(tmp_path):
     assert manager.latest() == manager.path_for(3)
     (root / "last.json").write_text(json.dumps({"path": "../../etc", "step": 0}))
     assert manager.latest() == manager.path_for(3)
-    (manager.path_for(3) / STATE_FILE).unlink()  # an incomplete folder is never offered
+    (manager.path_for(3) / MANIFEST_FILE).unlink()  # an incomplete folder is never offered
     assert manager.latest() == manager.path_for(2)
+
+
+def test_deleting_a_damaged_checkpoint_as_told_makes_latest_fall_back(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=3)
+    for step in (1, 2, 3):
+        manager.save({"step": step, "w": torch.full((100,), float(step))}, step, is_best=step == 3)
+    newest = manager.latest()
+    assert newest == manager.path_for(3)
+    data = (newest / DATA_FILE).read_bytes()
+    (newest / DATA_FILE).write_bytes(data[:-10])  # e.g. a copy cut short
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(manager.latest())
+    message = str(info.value)
+    assert f"delete the folder {newest}" in message and "--resume falls back to the previous checkpoint" in message
+    shutil.rmtree(newest)  # what the message says to do
+    assert manager.latest() == manager.path_for(2) and manager.best() is None
+    assert load_checkpoint(manager.latest())["step"] == 2
+    manager.save({"step": 4}, 4)  # the run goes on from there
+    assert [p.name for p in manager.checkpoints()] == ["step_000001", "step_000002", "step_000004"]
 
 
 def test_manager_cleans_leftovers_of_crashed_saves(tmp_path):
@@ -430,18 +565,20 @@ def test_manager_cleans_leftovers_of_crashed_saves(tmp_path):
     root = tmp_path / "checkpoints"
     leftover = root / ".step_000002.0123456789ab.tmp"
     leftover.mkdir()
-    (leftover / TENSORS_FILE).write_bytes(b"partial")
+    (leftover / DATA_FILE).write_bytes(b"partial")
+    aside = root / ".step_000001.0123456789ab.old"
+    aside.mkdir()
     stray = root / ".last.json.0123456789ab.tmp"
     stray.write_text("{")
     manager.save({"step": 2}, 2)
-    assert not leftover.exists() and not stray.exists()
+    assert not leftover.exists() and not stray.exists() and not aside.exists()
     with pytest.raises(ValueError):
         CheckpointManager(tmp_path, keep_last=0)
 
 
 def test_checkpoint_folder_permissions_follow_umask(tmp_path):
     path = save_checkpoint(tmp_path / "ck", {"step": 1})
-    umask = os.umask(0)
-    os.umask(umask)
-    assert path.stat().st_mode & 0o777 == 0o777 & ~umask
-    assert (path / STATE_FILE).stat().st_mode & 0o777 == 0o666 & ~umask
+    mask = umask()
+    assert path.stat().st_mode & 0o777 == 0o777 & ~mask
+    for name in (MANIFEST_FILE, DATA_FILE):
+        assert (path / name).stat().st_mode & 0o777 == 0o666 & ~mask, name

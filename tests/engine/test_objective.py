@@ -8,13 +8,10 @@ from mtvision.tasks import resolve_tasks
 
 def test_compute_losses_per_task_and_aux_added_to_its_task():
     tasks = resolve_tasks(["depth", "semseg"], {"semseg": 3})
-    out = {
-        "depth": torch.full((1, 1, 2, 2), 2.0),
-        "semseg": torch.zeros(1, 3, 2, 2),
-        "aux": {"depth": [torch.full((1, 1, 1, 1), 1.0)]},
-    }
+    out = {"depth": torch.full((1, 1, 2, 2), 2.0), "semseg": torch.zeros(1, 3, 2, 2)}
+    deep = {"depth": [torch.full((1, 1, 1, 1), 1.0)]}
     batch = {"depth": torch.full((1, 1, 2, 2), 1.5), "semseg": torch.zeros(1, 2, 2, dtype=torch.long)}
-    losses = compute_losses(out, batch, tasks, aux_weight=0.5)
+    losses = compute_losses(out, batch, tasks, deep, aux_weight=0.5)
     assert set(losses) == {"depth", "semseg"}
     assert losses["depth"].item() == pytest.approx(0.5 + 0.5 * 0.5)  # aux upsampled to 1.0 everywhere: |1 - 1.5|
     assert losses["semseg"].item() == pytest.approx(torch.log(torch.tensor(3.0)).item())
@@ -66,7 +63,7 @@ def test_equal_weighting_calibration_hands_the_model_the_weightings_own_gradient
         for step in range(2):  # the second call sees the state the first one left (GradNorm's L(0), RLW's draw)
             model.zero_grad(set_to_none=True)
             out = model(images)
-            objective.backward({t: model.tasks[t].loss(out[t], targets[t]) for t in targets}, step=step)
+            objective.backward({t: model.tasks[t].loss(out.predictions[t], targets[t]) for t in targets}, out, step=step)
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     want, got = grads
     assert got.keys() == want.keys()

@@ -36,13 +36,14 @@ def _gradients(rows: slice, reg_factors: list[float]) -> dict[str, torch.Tensor]
         objective.zero_grad()
         for factor in reg_factors:  # one process stands in for both ranks' regularizers by averaging them
             pred = model(images[rows])
-            losses = {t: model.tasks[t].loss(pred[t], targets[t][rows]) for t in TASKS}
+            losses = {t: model.tasks[t].loss(pred.predictions[t], targets[t][rows]) for t in TASKS}
             reg = factor * sum(p.pow(2).sum() for p in model.decoder.backbone.parameters())
 
             def recompute(t, rows=rows):
-                return model.tasks[t].loss(model(images[rows], tasks=[t])[t], targets[t][rows])
+                return model.tasks[t].loss(model(images[rows], tasks=[t]).predictions[t], targets[t][rows])
 
-            objective.backward(losses, scale=1.0 / len(reg_factors), recompute=recompute, regularizer=reg)
+            output = pred._replace(regularizers={"l2": reg})
+            objective.backward(losses, output, scale=1.0 / len(reg_factors), recompute=recompute)
         objective.sync_gradients(model)
         for n, p in model.named_parameters():
             if p.grad is not None:

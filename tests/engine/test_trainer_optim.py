@@ -103,8 +103,8 @@ def test_unknown_methods_fail_before_any_work_with_a_suggestion(tmp_path):
         tiny_config(tmp_path / "b", optim={"calibration": {"method": "pcgard"}}).validate()
     with pytest.raises(ConfigError, match="not one of"):
         tiny_config(tmp_path / "c", optim={"calibration": {"method": "mgda", "level": "layer"}})
-    with pytest.raises(ConfigError, match="train.compile cannot be combined"):
-        tiny_config(tmp_path / "d", optim={"calibration": {"method": "mgda"}}, train={"compile": True}).validate()
+    # compile works with every level (the model output carries the shared representation)
+    tiny_config(tmp_path / "d", optim={"calibration": {"method": "mgda"}}, train={"compile": True}).validate()
     # option names are checked by the methods themselves, still before the run folder exists
     with pytest.raises(UnknownNameError, match="did you mean 'temperature'"):
         train(tiny_config(tmp_path / "e", optim={"weighting": {"method": "dwa", "options": {"temprature": 2}}}), device="cpu")
@@ -171,8 +171,8 @@ def test_moe_balancing_loss_is_trained_outside_the_task_losses_and_expert_usage_
     rows = [r for r in _records(out) if "train/loss" in r]
     assert len(rows) == 2
     for row in rows:
-        assert row["train/moe_aux_loss"] > 0 and "train/loss/moe_aux" not in row
-        assert "train/loss_weight/moe_aux" not in row  # not a task: the weighting never sees it
+        assert row["train/regularizer/moe_balance"] > 0 and "train/loss/moe_balance" not in row
+        assert "train/loss_weight/moe_balance" not in row  # not a task: the weighting never sees it
         share = [row[f"train/experts/blocks.1/depth/e{i}"] for i in range(4)]
         assert sum(share) == pytest.approx(1.0) and row["train/experts/blocks.1/depth/min_share"] == pytest.approx(min(share))
 
@@ -190,12 +190,13 @@ def test_the_regularizer_adds_its_plain_gradient_with_and_without_calibration():
     for calibration in (None, "ew"):
         model.zero_grad(set_to_none=True)
         out = model(images)
-        losses = {t: model.tasks[t].loss(out[t], targets[t]) for t in targets}
+        losses = {t: model.tasks[t].loss(out.predictions[t], targets[t]) for t in targets}
         reg = 0.1 * sum(p.pow(2).sum() for p in model.decoder.backbone.parameters())
-        build_objective(model, list(targets), calibration=calibration).backward(losses, regularizer=reg)
+        output = out._replace(regularizers={"l2": reg})
+        build_objective(model, list(targets), calibration=calibration).backward(losses, output)
         results.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     model.zero_grad(set_to_none=True)
-    out = model(images)
+    out = model(images).predictions
     (sum(model.tasks[t].loss(out[t], targets[t]) for t in targets)
      + 0.1 * sum(p.pow(2).sum() for p in model.decoder.backbone.parameters())).backward()
     want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
@@ -212,5 +213,5 @@ def test_taps_penalty_and_its_open_layers_are_logged(tmp_path):
     train(cfg, device="cpu")
     rows = [r for r in _records(out) if "train/loss" in r]
     for row in rows:
-        assert row["train/moe_aux_loss"] > 0  # the sparsity penalty, outside the task losses
+        assert row["train/regularizer/taps_sparsity"] > 0  # the sparsity penalty, outside the task losses
         assert 0 <= row["train/taps/depth/open_fraction"] <= 1 and row["train/taps/semseg/open_layers"] >= 0

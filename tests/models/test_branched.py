@@ -125,19 +125,19 @@ def test_forward_runs_each_needed_copy_once_and_task_subsets_match():
     calls = _count_copy_calls(decoder)
     x = torch.randn(2, 3, 32, 48)
     with torch.no_grad():
-        full = model(x)
+        full = model(x).predictions
     assert set(calls.values()) == {1}
     for k in calls:
         calls[k] = 0
     with torch.no_grad():
-        only = model(x, tasks=["depth"])
+        only = model(x, tasks=["depth"]).predictions
     assert [k for k, v in calls.items() if v] == [(0, 0), (1, 0), (2, 0), (3, 1)]
     assert set(calls.values()) == {0, 1}
     assert torch.allclose(only["depth"], full["depth"], atol=1e-6)
     for k in calls:
         calls[k] = 0
     with torch.no_grad():
-        pair = model(x, tasks=["edge", "normals"])
+        pair = model(x, tasks=["edge", "normals"]).predictions
     assert [k for k, v in calls.items() if v] == [(0, 0), (1, 0), (2, 1), (3, 2)]
     assert torch.allclose(pair["normals"], full["normals"], atol=1e-6)
 
@@ -161,12 +161,12 @@ def test_separate_spec_is_independent_single_task_networks_at_init(weights):
     model = _model(spec, tasks=TASKS[:3], weights=weights).eval()
     x = torch.randn(2, 3, 32, 48)
     with torch.no_grad():
-        out = model(x)
+        out = model(x).predictions
     for t in TASKS[:3]:
         single = _model(None, decoder="hps", tasks=(t,), weights=weights).eval()
         _copy_task_parts(model.decoder.necks[t], model.decoder.heads[t], single.decoder.neck, single.decoder.heads[t])
         with torch.no_grad():
-            assert torch.allclose(single(x)[t], out[t], atol=1e-6), t
+            assert torch.allclose(single(x).predictions[t], out[t], atol=1e-6), t
 
 
 def test_all_shared_spec_is_hard_parameter_sharing(weights):
@@ -177,8 +177,8 @@ def test_all_shared_spec_is_hard_parameter_sharing(weights):
         _copy_task_parts(hps.decoder.neck, hps.decoder.heads[t], model.decoder.necks[t], model.decoder.heads[t])
     x = torch.randn(2, 3, 32, 48)
     with torch.no_grad():
-        want, got = hps(x), model(x)
-        feats = model.decoder.task_features(x, list(TASKS))
+        want, got = hps(x).predictions, model(x).predictions
+        feats, _ = model.decoder.task_features(x, list(TASKS))
         plain = create_backbone("test_resnet", weights=weights).eval()(x)
     for t in TASKS:
         assert torch.allclose(want[t], got[t], atol=1e-6), t
@@ -202,7 +202,7 @@ def test_parameter_partition_follows_the_tree():
     # copies used by two tasks are shared, as are the stages all tasks use
     for k, g in [(0, 0), (1, 0), (2, 0), (2, 1), (3, 2)]:
         assert ids(d.branches[k][g]) <= shared, (k, g)
-    out = model(torch.randn(2, 3, 32, 48))
+    out = model(torch.randn(2, 3, 32, 48)).predictions
     out["depth"].mean().backward()
     assert all(p.grad is None for p in model.task_parameters("semseg"))
     assert all(p.grad is None for p in d.branches[2][1].parameters())
@@ -213,8 +213,8 @@ def test_shared_representation_is_a_cut_through_which_all_shared_gradient_flows(
     torch.manual_seed(0)
     model = _model(MIXED)
     images = synthetic_batch["image"][:2, :, :32, :48]
-    out = model(images)
-    reps = model.shared_representation()
+    output = model(images)
+    out, reps = output.predictions, output.shared
     assert len(reps) == 2  # stage 0's map to the necks, stage 1's output (necks and stage 2)
     total = sum(o.square().mean() * (i + 1) for i, o in enumerate(out.values()))
     stem = [p for k in (0, 1) for p in model.decoder.branches[k][0].parameters()]
@@ -224,16 +224,15 @@ def test_shared_representation_is_a_cut_through_which_all_shared_gradient_flows(
     for a, b in zip(direct, via):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
     # every task's loss reaches every representation tensor
-    out = model(images)
+    output = model(images)
     for t in TASKS:
-        grads = torch.autograd.grad(out[t].mean(), model.shared_representation(), retain_graph=True)
+        grads = torch.autograd.grad(output.predictions[t].mean(), output.shared, retain_graph=True)
         assert all(g.abs().sum() > 0 for g in grads), t
 
 
 def test_no_shared_representation_when_tasks_split_at_the_first_stage():
     model = _model(BranchingSpec.separate(TASKS[:2], 4).to_dict(), tasks=TASKS[:2])
-    model(torch.randn(1, 3, 32, 48))
-    assert model.shared_representation() == []
+    assert model(torch.randn(1, 3, 32, 48)).shared == []
 
 
 def test_branched_model_learns(synthetic_batch):
@@ -256,7 +255,7 @@ def test_branched_model_learns(synthetic_batch):
         decoder_options={"spec": spec, "neck_channels": 16, "head_channels": 8},
     )
     images = synthetic_batch["image"][:4]
-    loss_fn = lambda: sum(model.tasks[t].loss(o, synthetic_batch[t][:4]) for t, o in model(images).items())  # noqa: E731
+    loss_fn = lambda: sum(model.tasks[t].loss(o, synthetic_batch[t][:4]) for t, o in model(images).predictions.items())  # noqa: E731
 
     def every_parameter_has_a_gradient() -> None:
         assert all(p.grad is not None for p in model.parameters())
@@ -287,7 +286,7 @@ def test_spec_option_accepts_a_file_and_follows_model_task_order(tmp_path):
     model = _model(str(path), tasks=("semseg", "depth"))
     assert model.decoder.spec.tasks == ("semseg", "depth")
     assert model.decoder.spec.group_of("depth", 3) == 0
-    assert list(model(torch.randn(1, 3, 32, 48))) == ["semseg", "depth"]
+    assert list(model(torch.randn(1, 3, 32, 48)).predictions) == ["semseg", "depth"]
 
 
 def test_saved_branched_model_reloads_with_its_tree(tmp_path):
@@ -300,7 +299,7 @@ def test_saved_branched_model_reloads_with_its_tree(tmp_path):
     assert loaded.decoder.spec == model.decoder.spec
     x = torch.randn(1, 3, 32, 48)
     with torch.no_grad():
-        a, b = model(x), loaded(x)
+        a, b = model(x).predictions, loaded(x).predictions
     assert all(torch.equal(a[t], b[t]) for t in TASKS)
 
 
@@ -311,8 +310,7 @@ def test_shipped_config_builds_the_tree_it_describes():
 
     root = Path(__file__).resolve().parents[2]
     cfg = load_config(ExperimentConfig, root / "configs/synthetic/branched_resnet18_128x160.yaml")
-    section = {**cfg.model, "tasks": {t: None for t in cfg.data.tasks}}
-    model = create_model(section)
+    model = create_model(cfg.model.resolved(cfg.data.tasks, {}, (cfg.data.height, cfg.data.width)))
     assert model.decoder.spec == BranchingSpec.load(root / "configs/synthetic/specs/split_last_two.yaml")
     assert [len(c) for c in model.decoder.branches] == [1, 1, 2, 3]
 
@@ -331,7 +329,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(weights):
         for m in (model.decoder.necks, model.decoder.heads):  # same task parts in both runs
             for p in m.parameters():
                 torch.nn.init.normal_(p, std=0.1)
-        out = model(torch.ones(2, 3, 32, 48))
+        out = model(torch.ones(2, 3, 32, 48)).predictions
         sum(o.square().mean() for o in out.values()).backward()
         grads.append([p.grad.clone() for p in model.decoder.branches.parameters()])
     assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(*grads))

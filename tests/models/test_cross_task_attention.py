@@ -33,15 +33,16 @@ def test_any_size_outputs_and_aux_only_in_training(backbone):
     torch.manual_seed(0)
     model = _model(backbone)
     assert isinstance(model.decoder, CrossTaskAttentionDecoder)
-    out = model(torch.randn(2, 3, 70, 90))  # not a multiple of 32: padded and cropped back
+    output = model(torch.randn(2, 3, 70, 90))  # not a multiple of 32: padded and cropped back
+    out, deep = output.predictions, output.deep_supervision
     assert {t: tuple(out[t].shape) for t in TASKS3} == {"semseg": (2, 5, 70, 90), "depth": (2, 1, 70, 90), "normals": (2, 3, 70, 90)}
-    assert set(out["aux"]) == set(TASKS3) and out["aux"]["depth"].shape[-2:] == (70, 90)
-    sum(o.square().mean() for t, o in out.items() if t != "aux").backward()
+    assert set(deep) == set(TASKS3) and deep["depth"][0].shape[-2:] == (70, 90)
+    sum(o.square().mean() for o in out.values()).backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, missing[:5]
     model.eval()
     with torch.no_grad():
-        assert "aux" not in model(torch.randn(1, 3, 64, 64))
+        assert model(torch.randn(1, 3, 64, 64)).deep_supervision == {}
 
 
 def test_vit_pyramid_is_built_by_upsampling():
@@ -59,9 +60,9 @@ def test_vit_pyramid_is_built_by_upsampling():
 def _perturbation_effect(model, hook_module, x):
     model.eval()
     with torch.no_grad():
-        base = model(x)
+        base = model(x).predictions
         handle = hook_module.register_forward_hook(lambda m, i, o: o + torch.randn_like(o))
-        moved = model(x)
+        moved = model(x).predictions
         handle.remove()
     return {t: (moved[t] - base[t]).abs().max().item() for t in base}
 
@@ -84,7 +85,7 @@ def test_permuting_task_order_permutes_outputs():
     b.load_state_dict(a.state_dict())
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
-        oa, ob = a(x), b(x)
+        oa, ob = a(x).predictions, b(x).predictions
     assert list(ob) == ["normals", "semseg", "depth"]
     for t in TASKS3:
         assert torch.allclose(oa[t], ob[t], atol=1e-5), t
@@ -118,7 +119,7 @@ def test_single_task_attends_only_to_itself():
     blk = model.decoder.blocks[0]
     blk.attn.keep_attention = True
     with torch.no_grad():
-        out = model(torch.randn(1, 3, 64, 64))
+        out = model(torch.randn(1, 3, 64, 64)).predictions
     assert list(out) == ["depth"] and out["depth"].shape == (1, 1, 64, 64)
     assert blk.attn.attention.shape[-1] == 1 * 1 * 1  # one task, 2x2 grid, kv stride 2 -> 1 key
 
@@ -128,20 +129,20 @@ def test_subset_forward_matches_full_and_returns_only_requested():
     model = _model().eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        full = model(x)
-        only = model(x, tasks=["normals"])
+        full = model(x).predictions
+        only = model(x, tasks=["normals"]).predictions
     assert list(only) == ["normals"]
     assert torch.allclose(only["normals"], full["normals"], atol=1e-5)
     model.train()
     out = model(x, tasks=["depth"])
-    assert set(out) == {"depth", "aux"} and set(out["aux"]) == {"depth"}
+    assert set(out.predictions) == {"depth"} and set(out.deep_supervision) == {"depth"}
 
 
 def test_every_task_loss_reaches_the_shared_representation(synthetic_batch):
     torch.manual_seed(0)
     model = _model(tasks=TASKS3, num_classes=synthetic_batch["num_classes"])
-    out = model(synthetic_batch["image"][:2])
-    reps = model.shared_representation()
+    output = model(synthetic_batch["image"][:2])
+    out, reps = output.predictions, output.shared
     assert reps and all(r.requires_grad for r in reps)
     strides = model.decoder.backbone.strides
     assert sorted(64 // r.shape[-2] for r in reps) == sorted({strides[-1], 16, 8})
@@ -159,7 +160,7 @@ def test_task_parameters_affect_only_their_task():
     shared = {id(p) for p in model.shared_parameters()}
     assert {id(p) for p in model.decoder.preliminary.parameters()} <= shared  # mixed into other tasks
     assert {id(p) for p in model.decoder.aux_heads.parameters()} <= shared  # predictions re-embedded
-    out = model(torch.randn(2, 3, 64, 64))
+    out = model(torch.randn(2, 3, 64, 64)).predictions
     out["depth"].square().mean().backward()
     for t in ("semseg", "normals"):
         assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.task_parameters(t)), t
@@ -173,9 +174,9 @@ def test_message_passing_feeds_the_next_stage():
     assert model.decoder.blocks[0].attn.fuse_message is None and fuse is not None
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        before = model(x)["depth"]
+        before = model(x).predictions["depth"]
         fuse.weight[:, fuse.weight.shape[1] // 2 :].add_(1.0)  # the message half
-        after = model(x)["depth"]
+        after = model(x).predictions["depth"]
     assert (before - after).abs().max() > 1e-5
     plain = _model(message_passing=False)
     assert all(b.attn.fuse_message is None for b in plain.decoder.blocks)
@@ -193,7 +194,7 @@ def test_resize_scores_keeps_per_task_blocks():
 
 def test_avg_kv_projection_option_and_bad_option():
     model = _model(kv_proj="avg")
-    assert model(torch.randn(2, 3, 64, 64))["depth"].shape == (2, 1, 64, 64)
+    assert model(torch.randn(2, 3, 64, 64)).predictions["depth"].shape == (2, 1, 64, 64)
     with pytest.raises(ValueError, match="unknown projection"):
         _model(kv_proj="max")
 
@@ -221,8 +222,8 @@ def test_learns_on_synthetic_scenes(synthetic_batch):
     images = synthetic_batch["image"][:4]
 
     def loss_of(out):
-        total = sum(model.tasks[t].loss(out[t], synthetic_batch[t][:4]) for t in ("semseg", "depth"))
-        return total + sum(model.tasks[t].loss(a, synthetic_batch[t][:4]) for t, a in out.get("aux", {}).items())
+        total = sum(model.tasks[t].loss(out.predictions[t], synthetic_batch[t][:4]) for t in ("semseg", "depth"))
+        return total + sum(model.tasks[t].loss(a, synthetic_batch[t][:4]) for t, deep in out.deep_supervision.items() for a in deep)
 
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     first = None

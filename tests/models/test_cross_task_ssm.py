@@ -109,15 +109,16 @@ def test_outputs_and_deep_supervision_only_in_training(variant):
     model = _model(variant=variant)
     x = torch.randn(2, 3, 32, 64)
     model.train()
-    out = model(x)
-    assert [k for k in out if k != "aux"] == list(TASKS3)
+    output = model(x)
+    out, deep = output.predictions, output.deep_supervision
+    assert list(out) == list(TASKS3)
     assert out["semseg"].shape == (2, 10, 32, 64) and out["normals"].shape == (2, 3, 32, 64)
-    assert set(out["aux"]) == set(TASKS3)
-    assert [tuple(a.shape[:2]) for a in out["aux"]["semseg"]] == [(2, 10), (2, 10)]  # stages 1 and 2 of 3
+    assert set(deep) == set(TASKS3)
+    assert [tuple(a.shape[:2]) for a in deep["semseg"]] == [(2, 10), (2, 10)]  # stages 1 and 2 of 3
     model.eval()
     with torch.no_grad():
-        assert "aux" not in model(x)
-    assert "aux" not in _model(deep_supervision=False).train()(x)
+        assert model(x).deep_supervision == {}
+    assert _model(deep_supervision=False).train()(x).deep_supervision == {}
 
 
 def test_learns_with_aux_losses(synthetic_batch):
@@ -128,7 +129,8 @@ def test_learns_with_aux_losses(synthetic_batch):
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(5):
-        total = sum(compute_losses(model(images), batch, tasks).values())
+        out = model(images)
+        total = sum(compute_losses(out.predictions, batch, tasks, out.deep_supervision).values())
         opt.zero_grad()
         total.backward()
         opt.step()
@@ -141,8 +143,8 @@ def test_task_order_does_not_change_any_output(variant):
     model = _model(variant=variant).eval()
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        a = model(x, tasks=["semseg", "depth", "normals"])
-        b = model(x, tasks=["normals", "semseg", "depth"])
+        a = model(x, tasks=["semseg", "depth", "normals"]).predictions
+        b = model(x, tasks=["normals", "semseg", "depth"]).predictions
     assert list(b) == ["normals", "semseg", "depth"]
     for t in TASKS3:
         assert torch.allclose(a[t], b[t], atol=1e-6), t
@@ -157,9 +159,9 @@ def test_one_selected_task_is_the_single_task_path(variant):
     assert all(isinstance(c, nn.Identity) for c in single.decoder.cross)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        assert torch.allclose(multi(x, tasks=["depth"])["depth"], single(x)["depth"], atol=1e-6)
+        assert torch.allclose(multi(x, tasks=["depth"]).predictions["depth"], single(x).predictions["depth"], atol=1e-6)
         # with all tasks the cross-task block mixes the others in
-        assert not torch.allclose(multi(x)["depth"], single(x)["depth"], atol=1e-4)
+        assert not torch.allclose(multi(x).predictions["depth"], single(x).predictions["depth"], atol=1e-4)
 
 
 def test_subset_runs_only_the_selected_branches_and_mixes_them():
@@ -170,11 +172,11 @@ def test_subset_runs_only_the_selected_branches_and_mixes_them():
             block.register_forward_pre_hook(lambda *_, t=t: calls.__setitem__(t, calls[t] + 1))
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        out = model(x, tasks=["semseg", "depth"])
+        out = model(x, tasks=["semseg", "depth"]).predictions
     assert list(out) == ["semseg", "depth"] and calls["normals"] == 0 and calls["semseg"] == 3
     # the cross-task blocks mix the selected tasks only (documented): without normals, semseg changes
     with torch.no_grad():
-        full = model(x)
+        full = model(x).predictions
     assert not torch.allclose(out["semseg"], full["semseg"], atol=1e-5)
 
 
@@ -183,12 +185,12 @@ def test_every_task_loss_reaches_the_shared_representation(variant, synthetic_ba
     model = _model(variant=variant).train()
     images = synthetic_batch["image"][:2, :, :32, :64]
     out = model(images)
-    reps = model.shared_representation()
+    reps = out.shared
     feats = model.decoder.backbone(images)
     assert [r.shape for r in reps] == [f.shape for f in feats]  # all four levels are read
     for t in TASKS3:
         loss = compute_losses(
-            {t: out[t], "aux": out["aux"]}, {t: synthetic_batch[t][:2, ..., :32, :64]}, {t: model.tasks[t]}
+            out.predictions, {t: synthetic_batch[t][:2, ..., :32, :64]}, {t: model.tasks[t]}, out.deep_supervision
         )[t]
         grads = torch.autograd.grad(loss, reps, retain_graph=True)
         assert all(g.abs().sum() > 0 for g in grads), t
@@ -205,7 +207,7 @@ def test_task_parameters_affect_only_their_task(variant):
     head = {id(p) for p in model.decoder.heads["depth"].parameters()}
     assert head < per_task["depth"]  # the head and more (aux heads, last cross-task block's own parts)
     out = model(torch.randn(2, 3, 32, 32))
-    (out["depth"].square().mean() + sum(a.mean() for a in out["aux"]["depth"])).backward()
+    (out.predictions["depth"].square().mean() + sum(a.mean() for a in out.deep_supervision["depth"])).backward()
     grads = {id(p): p.grad for p in model.parameters()}
     assert all(grads[i] is None or grads[i].abs().sum() == 0 for i in per_task["semseg"] | per_task["normals"])
     assert all(grads[i] is not None for i in per_task["depth"])
@@ -222,23 +224,23 @@ def test_sizes_not_divisible_by_the_stride_are_padded_and_cropped():
     model = _model(variant="mtmamba++").eval()
     x = torch.randn(1, 3, 130, 150)
     with torch.no_grad():
-        out = model(x)
-        padded = model(F.pad(x, (0, 10, 0, 30)))  # 160 x 160: what the decoder runs internally
+        out = model(x).predictions
+        padded = model(F.pad(x, (0, 10, 0, 30))).predictions  # 160 x 160: what the decoder runs internally
     assert out["semseg"].shape == (1, 10, 130, 150) and out["depth"].shape == (1, 1, 130, 150)
     assert torch.allclose(out["depth"], padded["depth"][..., :130, :150], atol=1e-5)
     model.train()
-    aux = model(torch.randn(2, 3, 33, 47))["aux"]["normals"]
+    aux = model(torch.randn(2, 3, 33, 47)).deep_supervision["normals"]
     assert all(a.shape == (2, 3, 33, 47) for a in aux)
 
 
 def test_plain_vit_levels_share_a_stride_and_fewer_stages_stop_coarser():
     vit = _model(backbone="test_vit", kwargs={"img_size": 64, "dynamic_img_size": True}, variant="mtmamba").eval()
-    assert vit(torch.randn(1, 3, 64, 64))["depth"].shape == (1, 1, 64, 64)
+    assert vit(torch.randn(1, 3, 64, 64)).predictions["depth"].shape == (1, 1, 64, 64)
     assert [e.scale for e in vit.decoder.expand["depth"]] == [1, 1]
     two = _model(stages=2, channels=[8, 12]).eval()
     assert two.decoder.output_stride == 8 and len(two.decoder.cross) == 2
     assert two.decoder.reduce["depth"][1].out_features == 12
-    assert two(torch.randn(1, 3, 32, 32))["depth"].shape == (1, 1, 32, 32)
+    assert two(torch.randn(1, 3, 32, 32)).predictions["depth"].shape == (1, 1, 32, 32)
 
 
 class _FakeBackbone(nn.Module):

@@ -30,7 +30,7 @@ def test_family_feeds_decoder_and_learns(tiny_backbone, decoder, synthetic_batch
     images = synthetic_batch["image"][:4]
     batch = {t: synthetic_batch[t][:4] for t in tasks}
     model.train()
-    out = model(images)
+    out = model(images).predictions
     assert list(out) == list(tasks)
     expected = {"semseg": (4, num_classes, 64, 80), "depth": (4, 1, 64, 80), "normals": (4, 3, 64, 80)}
     assert {t: tuple(o.shape) for t, o in out.items()} == {t: expected[t] for t in tasks}
@@ -44,11 +44,11 @@ def test_family_feeds_decoder_and_learns(tiny_backbone, decoder, synthetic_batch
     first = loss.item()
     for _ in range(4):
         opt.zero_grad()
-        step_loss = _total_loss(model, model(images), batch)
+        step_loss = _total_loss(model, model(images).predictions, batch)
         step_loss.backward()
         opt.step()
     with torch.no_grad():
-        last = _total_loss(model, model(images), batch).item()
+        last = _total_loss(model, model(images).predictions, batch).item()
     assert last < first * 0.95, (first, last)
 
 
@@ -65,9 +65,9 @@ def test_single_task_forward_runs_only_that_head_and_matches(decoder):
     model = _model({"name": "test_resnet"}, decoder, neck_channels=16, head_channels=8).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        full = model(x)
+        full = model(x).predictions
         calls = _count_head_calls(model)
-        only = model(x, tasks=["depth"])
+        only = model(x, tasks=["depth"]).predictions
     assert list(only) == ["depth"]
     assert calls == {"semseg": 0, "depth": 1, "normals": 0}
     assert torch.allclose(only["depth"], full["depth"], atol=1e-5)
@@ -76,8 +76,8 @@ def test_single_task_forward_runs_only_that_head_and_matches(decoder):
 def test_hps_shared_representation_carries_every_task_loss(synthetic_batch):
     torch.manual_seed(0)
     model = _model({"name": "test_resnet"}, "hps", num_classes=synthetic_batch["num_classes"], neck_channels=16)
-    out = model(synthetic_batch["image"][:2])
-    (rep,) = model.shared_representation()
+    output = model(synthetic_batch["image"][:2])
+    out, (rep,) = output.predictions, output.shared
     assert rep.shape == (2, 16, 16, 20)
     for t in TASKS3:
         (g,) = torch.autograd.grad(model.tasks[t].loss(out[t], synthetic_batch[t][:2]), rep, retain_graph=True)
@@ -95,7 +95,7 @@ def test_hps_parameter_partition():
     assert not per_task["semseg"] & per_task["depth"]
     assert {id(p) for p in model.decoder.backbone.parameters()} <= shared
     # a task's loss never reaches another task's head
-    out = model(torch.randn(2, 3, 32, 32))
+    out = model(torch.randn(2, 3, 32, 32)).predictions
     out["depth"].mean().backward()
     assert all(p.grad is None for p in model.task_parameters("semseg"))
     assert all(p.grad is not None for p in model.task_parameters("depth"))
@@ -119,7 +119,7 @@ def test_cross_stitch_alpha_initialisation():
 def test_cross_stitch_units_are_the_only_link_between_columns(alpha_self, crosses):
     torch.manual_seed(0)
     model = _model({"name": "test_resnet"}, "cross_stitch", alpha_self=alpha_self)
-    out = model(torch.randn(2, 3, 32, 32))
+    out = model(torch.randn(2, 3, 32, 32)).predictions
     out["depth"].square().mean().backward()
     columns = dict(zip(model.decoder.task_names, model.decoder.columns))
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in columns["depth"].parameters())
@@ -132,8 +132,8 @@ def test_cross_stitch_units_are_the_only_link_between_columns(alpha_self, crosse
 
 def test_cross_stitch_has_no_shared_representation_but_shares_columns():
     model = _model({"name": "test_resnet"}, "cross_stitch")
-    model(torch.randn(2, 3, 32, 32))
-    assert model.shared_representation() == []
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.shared == [] and out.branches == []
     shared = {id(p) for p in model.shared_parameters()}
     assert {id(p) for c in model.decoder.columns for p in c.parameters()} <= shared
     assert {id(s.alpha) for s in model.decoder.stitches} <= shared
@@ -144,7 +144,7 @@ def test_cross_stitch_has_no_shared_representation_but_shares_columns():
 def test_single_task_model_is_the_same_builder_with_one_task(decoder):
     model = _model({"name": "test_resnet"}, decoder, tasks=("depth",))
     assert isinstance(model.decoder, (HPSDecoder, CrossStitchDecoder))
-    out = model(torch.randn(1, 3, 48, 40))
+    out = model(torch.randn(1, 3, 48, 40)).predictions
     assert list(out) == ["depth"] and out["depth"].shape == (1, 1, 48, 40)
 
 
@@ -165,4 +165,4 @@ def test_cross_stitch_refuses_backbones_it_cannot_split():
     model = create_model(
         backbone={"name": "test_vit_relpos", "kwargs": {"img_size": 64}}, decoder="hps", tasks=["depth"]
     )
-    assert model(torch.randn(1, 3, 64, 64))["depth"].shape == (1, 1, 64, 64)
+    assert model(torch.randn(1, 3, 64, 64)).predictions["depth"].shape == (1, 1, 64, 64)

@@ -45,21 +45,20 @@ def test_any_size_outputs_and_aux_only_in_training(backbone, multi_scale):
     torch.manual_seed(0)
     model = _model(backbone, multi_scale=multi_scale)
     assert isinstance(model.decoder, DistillationDecoder)
-    out = model(torch.randn(2, 3, 70, 90))
+    output = model(torch.randn(2, 3, 70, 90))
+    out, deep = output.predictions, output.deep_supervision
     assert {t: tuple(out[t].shape) for t in TASKS3} == {"semseg": (2, 5, 70, 90), "depth": (2, 1, 70, 90), "normals": (2, 3, 70, 90)}
-    aux = out["aux"]["depth"]
-    if multi_scale:
-        assert isinstance(aux, list) and len(aux) == len(model.decoder.backbone.strides)
-    else:
-        assert aux.shape == (2, 1, 70, 90)
-    loss = sum(o.square().mean() for t, o in out.items() if t != "aux")
-    loss = loss + sum(a.square().mean() for v in out["aux"].values() for a in (v if isinstance(v, list) else [v]))
+    aux = deep["depth"]
+    assert len(aux) == (len(model.decoder.backbone.strides) if multi_scale else 1)
+    assert aux[0].shape == (2, 1, 70, 90)
+    loss = sum(o.square().mean() for o in out.values())
+    loss = loss + sum(a.square().mean() for v in deep.values() for a in v)
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, missing[:5]
     model.eval()
     with torch.no_grad():
-        assert "aux" not in model(torch.randn(1, 3, 64, 64))
+        assert model(torch.randn(1, 3, 64, 64)).deep_supervision == {}
 
 
 def test_other_tasks_features_reach_a_task_through_distillation():
@@ -67,15 +66,15 @@ def test_other_tasks_features_reach_a_task_through_distillation():
     model = _model().eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        base = model(x)
+        base = model(x).predictions
         h = model.decoder.scales[0].features["semseg"].register_forward_hook(lambda m, i, o: o + 1.0)
-        moved = model(x)
+        moved = model(x).predictions
         h.remove()
     assert (moved["depth"] - base["depth"]).abs().max() > 1e-4
     # a single-task model is plain prediction: its distillation holds nothing
     single = _model(tasks=("depth",))
     assert not list(single.decoder.scales[0].distill.parameters())
-    assert single(torch.randn(2, 3, 48, 40))["depth"].shape == (2, 1, 48, 40)
+    assert single(torch.randn(2, 3, 48, 40)).predictions["depth"].shape == (2, 1, 48, 40)
 
 
 def test_permuting_task_order_permutes_outputs():
@@ -85,7 +84,7 @@ def test_permuting_task_order_permutes_outputs():
     b.load_state_dict(a.state_dict())
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        oa, ob = a(x), b(x)
+        oa, ob = a(x).predictions, b(x).predictions
     for t in TASKS3:
         assert torch.allclose(oa[t], ob[t], atol=1e-5), t
 
@@ -96,18 +95,18 @@ def test_subset_forward_matches_full(multi_scale):
     model = _model(multi_scale=multi_scale).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        full, only = model(x), model(x, tasks=["semseg"])
+        full, only = model(x).predictions, model(x, tasks=["semseg"]).predictions
     assert list(only) == ["semseg"] and torch.allclose(only["semseg"], full["semseg"], atol=1e-5)
     model.train()
-    assert set(model(x, tasks=["depth"])["aux"]) == {"depth"}
+    assert set(model(x, tasks=["depth"]).deep_supervision) == {"depth"}
 
 
 @pytest.mark.parametrize("multi_scale", [False, True], ids=["padnet", "mtinet"])
 def test_shared_representation_and_task_parameters(multi_scale, synthetic_batch):
     torch.manual_seed(0)
     model = _model(multi_scale=multi_scale, num_classes=synthetic_batch["num_classes"])
-    out = model(synthetic_batch["image"][:2])
-    reps = model.shared_representation()
+    output = model(synthetic_batch["image"][:2])
+    out, reps = output.predictions, output.shared
     assert len(reps) == (len(model.decoder.backbone.strides) if multi_scale else 1)
     for t in TASKS3:
         loss = model.tasks[t].loss(out[t], synthetic_batch[t][:2])
@@ -125,11 +124,9 @@ def test_shared_representation_and_task_parameters(multi_scale, synthetic_batch)
     for t in ("semseg", "normals"):
         assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.task_parameters(t)), t
     model.zero_grad()
-    aux = out["aux"]["semseg"]
-    sum(a.square().mean() for a in (aux if isinstance(aux, list) else [aux])).backward()
+    sum(a.square().mean() for a in output.deep_supervision["semseg"]).backward()
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.task_parameters("depth"))
-    if not multi_scale:
-        assert len(model.decoder.branch_representation()) == len(model.decoder.backbone.strides)
+    assert len(output.branches) == (0 if multi_scale else len(model.decoder.backbone.strides))
 
 
 class _FakeBackbone(nn.Module):
@@ -153,8 +150,8 @@ def test_learns_on_synthetic_scenes(synthetic_batch):
     images = synthetic_batch["image"][:4]
 
     def loss_of(out):
-        total = sum(model.tasks[t].loss(out[t], synthetic_batch[t][:4]) for t in tasks)
-        return total + sum(model.tasks[t].loss(a, synthetic_batch[t][:4]) for t, a in out["aux"].items())
+        total = sum(model.tasks[t].loss(out.predictions[t], synthetic_batch[t][:4]) for t in tasks)
+        return total + sum(model.tasks[t].loss(a, synthetic_batch[t][:4]) for t, deep in out.deep_supervision.items() for a in deep)
 
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     losses = []

@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mtvision.models import create_model
 from mtvision.models.backbones import create_backbone
+from mtvision.models.decoders.base import MOE_BALANCE
 from mtvision.models.decoders.m3vit import M3ViTDecoder
 from mtvision.models.m3vit import M3ViTBackbone, M3ViTError, MoEBlock, load_dense_weights, moeify_vit
 from tests.models.learning import adam_steps
@@ -49,7 +50,7 @@ def test_copied_experts_reproduce_the_dense_vit():
     x = torch.randn(2, 3, 64, 48)
     with torch.no_grad():
         expected = dense(x)
-        got = backbone(x)
+        got = backbone(x).features
     for task in ("semseg", "depth"):
         assert len(got[task]) == len(expected)
         for a, b in zip(got[task], expected):
@@ -80,7 +81,7 @@ def test_dense_weights_load_into_experts_and_bad_shapes_are_named():
     load_dense_weights(backbone, state, noise_std=0.0)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(backbone(x)["depth"][-1], dense(x)[-1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(backbone(x).features["depth"][-1], dense(x)[-1], atol=1e-5, rtol=1e-5)
     bad = dict(state)
     bad["blocks.0.attn.qkv.weight"] = torch.zeros(10, 64)
     with pytest.raises(
@@ -119,9 +120,9 @@ def test_single_task_pathway_matches_all_tasks_and_costs_about_one_third():
         head.register_forward_hook(lambda *_, t=t: calls.__setitem__(t, calls[t] + 1))
     with torch.no_grad():
         with FlopCounterMode(display=False) as all_counter:
-            full = model(x)
+            full = model(x).predictions
         with FlopCounterMode(display=False) as one_counter:
-            only = model(x, tasks=["depth"])
+            only = model(x, tasks=["depth"]).predictions
     assert list(only) == ["depth"] and calls == {"semseg": 1, "depth": 2, "normals": 1}
     torch.testing.assert_close(only["depth"], full["depth"], atol=1e-5, rtol=1e-5)
     ratio = one_counter.get_total_flops() / all_counter.get_total_flops()
@@ -134,7 +135,7 @@ def test_training_outputs_carry_the_balancing_loss_of_every_moe_layer():
     model = _model(balance_weight=0.5).train()
     x = torch.randn(2, 3, 64, 64)
     out = model(x)
-    aux = out["moe_aux_loss"]
+    aux = out.regularizers[MOE_BALANCE]
     assert aux.ndim == 0 and aux.requires_grad and aux.item() > 0
     # the same quantity, recomputed from the layers' own routing: per layer and per task pathway
     assert sorted(model.decoder.backbone.moe_layers()) == [1, 3, 5]
@@ -143,7 +144,7 @@ def test_training_outputs_carry_the_balancing_loss_of_every_moe_layer():
         for t in TASKS3:
             assert moe.noise_weight[t].grad is not None and moe.noise_weight[t].grad.abs().sum() > 0
     model.eval()
-    assert "moe_aux_loss" not in model(x)
+    assert model(x).regularizers == {}
 
 
 def test_balancing_loss_value_is_the_sum_over_layers_and_tasks():
@@ -158,23 +159,23 @@ def test_balancing_loss_value_is_the_sum_over_layers_and_tasks():
         original = moe._route
 
         def spy(x, task, original=original, moe=moe):
-            idx, gates = original(x, task)
+            idx, gates, aux = original(x, task)
             full = torch.zeros(x.shape[0], moe.num_experts).scatter(1, idx, gates)
             imp, load = full.sum(0), (full > 0).float().sum(0)
             cv2 = lambda v: v.var(unbiased=False) / v.mean() ** 2  # noqa: E731
             seen.append((cv2(imp) + cv2(load)).item())
-            return idx, gates
+            return idx, gates, aux
 
         moe._route = spy
     out = model(torch.randn(2, 3, 32, 32))
     assert len(seen) == 3 * 3  # 3 MoE layers x 3 task gates
-    assert out["moe_aux_loss"].item() == pytest.approx(sum(seen), rel=1e-4)
+    assert out.regularizers[MOE_BALANCE].item() == pytest.approx(sum(seen), rel=1e-4)
 
 
 def test_shared_representation_and_parameter_partition():
     model = _model()
-    out = model(torch.randn(2, 3, 32, 32))
-    (rep,) = model.shared_representation()
+    output = model(torch.randn(2, 3, 32, 32))
+    out, (rep,) = output.predictions, output.shared
     assert rep.shape == (2, 1 + 4, 64)  # class token + 2 x 2 patches entering block 1
     for t in TASKS3:
         (g,) = torch.autograd.grad(out[t].square().mean(), rep, retain_graph=True)
@@ -192,18 +193,17 @@ def test_shared_representation_and_parameter_partition():
 
 def test_expert_usage_counts_every_routed_token_per_layer_and_task():
     model = _model().eval()
-    model.decoder.reset_expert_usage()
     with torch.no_grad():
-        model(torch.randn(2, 3, 64, 48))
-        model(torch.randn(1, 3, 64, 48), tasks=["normals"])
-    usage = model.decoder.expert_usage()
-    assert sorted(usage) == ["blocks.1", "blocks.3", "blocks.5"]
+        usage = model(torch.randn(2, 3, 64, 48)).stats
+        only = model(torch.randn(1, 3, 64, 48), tasks=["normals"]).stats
+    layers = ["blocks.1", "blocks.3", "blocks.5"]
+    assert set(usage) == {f"experts/{b}/{t}{d}" for b in layers for t in TASKS3 for d in ("", "/dropped")}
     tokens = 1 + 4 * 3  # class token + 4 x 3 patches per image
-    for layer in usage.values():
-        assert layer["semseg"].sum() == 2 * tokens * 2  # 2 images, top-2
-        assert layer["normals"].sum() == 3 * tokens * 2
-    model.decoder.reset_expert_usage()
-    assert all(c.sum() == 0 for layer in model.decoder.expert_usage().values() for c in layer.values())
+    for b in layers:
+        assert usage[f"experts/{b}/semseg"].sum() == 2 * tokens * 2  # 2 images, top-2
+        assert usage[f"experts/{b}/semseg/dropped"] == 0  # no capacity: nothing is dropped
+        assert only[f"experts/{b}/normals"].sum() == 1 * tokens * 2
+    assert {k.split("/")[2] for k in only} == {"normals"}
 
 
 def test_task_embedding_routing_and_learning(synthetic_batch):
@@ -214,7 +214,7 @@ def test_task_embedding_routing_and_learning(synthetic_batch):
 
     def total():
         out = model(images)
-        return sum(model.tasks[t].loss(out[t], batch[t]) for t in batch) + out["moe_aux_loss"]
+        return sum(model.tasks[t].loss(out.predictions[t], batch[t]) for t in batch) + out.regularizers[MOE_BALANCE]
 
     embedding = model.decoder.backbone.moe_layers()[1].task_embedding
     start = embedding.detach().clone()
@@ -232,15 +232,15 @@ def test_pretrained_folder_round_trip(tmp_path):
     again = load_model(tmp_path).eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        a, b = model(x), again(x)
+        a, b = model(x).predictions, again(x).predictions
     assert all(torch.equal(a[t], b[t]) for t in a)
 
 
 def test_an_input_size_off_the_patch_grid_is_padded_and_cropped_back():
     model = _model().eval()
-    out = model(torch.randn(1, 3, 40, 50))
+    out = model(torch.randn(1, 3, 40, 50)).predictions
     assert out["semseg"].shape == (1, 5, 40, 50) and out["depth"].shape == (1, 1, 40, 50)
     torch.manual_seed(1)
     x = torch.randn(1, 3, 40, 50)
-    full = model(torch.nn.functional.pad(x, (0, 14, 0, 8)))["depth"][..., :40, :50]
-    torch.testing.assert_close(model(x)["depth"], full, rtol=1e-4, atol=1e-5)
+    full = model(torch.nn.functional.pad(x, (0, 14, 0, 8))).predictions["depth"][..., :40, :50]
+    torch.testing.assert_close(model(x).predictions["depth"], full, rtol=1e-4, atol=1e-5)

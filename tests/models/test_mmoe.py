@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mtvision.models import create_model
-from mtvision.models.decoders.mmoe import MMoEDecoder, exclusivity_mask, mean_pairwise_cosine
+from mtvision.models.decoders.base import MMOE_DIVERSITY
+from mtvision.models.decoders.mmoe import MMoEDecoder, exclusivity_mask, expert_diversity, mean_pairwise_cosine
 from mtvision.models.moe import MoEError
 from tests.models.learning import adam_steps
 
@@ -34,8 +35,7 @@ def test_each_task_head_reads_its_gated_mixture_of_experts(gate):
     seen = _head_inputs(model)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        model(x)
-        z = dec.shared_representation()[0]
+        z = model(x).shared[0]
         experts = dec.experts(z)  # N x (E * C) x H x W: expert e owns channels e*C ... (e+1)*C
         c = dec.expert_channels
         for t in TASKS3:
@@ -71,8 +71,8 @@ def test_masked_experts_get_zero_weight_and_no_gradient_from_other_tasks():
     dec = model.decoder
     allowed = dec.allowed
     assert allowed.sum(0).tolist() == [1, 1, 1, 1]  # every expert exclusive to one task
-    out = model(torch.randn(2, 3, 64, 64))
-    z = dec.shared_representation()[0]
+    output = model(torch.randn(2, 3, 64, 64))
+    out, z = output.predictions, output.shared[0]
     g = dec.gate_weights(z, "depth")
     assert torch.all(g[:, ~allowed[1]] == 0)
     torch.testing.assert_close(g.sum(1), torch.ones_like(g.sum(1)))
@@ -92,14 +92,17 @@ def test_diversity_regulariser_and_measure():
     model = _model(diversity_weight=0.3).train()
     out = model(torch.randn(2, 3, 64, 64))
     dec = model.decoder
-    n, _, h, w = dec.shared_representation()[0].shape
-    experts = dec.experts(dec.shared_representation()[0]).view(n, 4, dec.expert_channels, h, w)
-    assert out["moe_aux_loss"].item() == pytest.approx(0.3 * mean_pairwise_cosine(experts).item(), rel=1e-4)
-    out["moe_aux_loss"].backward()
+    (z,) = out.shared
+    n, _, h, w = z.shape
+    experts = dec.experts(z).view(n, 4, dec.expert_channels, h, w)
+    torch.testing.assert_close(dec.expert_outputs(z), experts)
+    regularizer = out.regularizers[MMOE_DIVERSITY]
+    assert regularizer.item() == pytest.approx(0.3 * mean_pairwise_cosine(experts).item(), rel=1e-4)
+    regularizer.backward()
     assert dec.experts[0].weight.grad.abs().sum() > 0
-    d = dec.expert_diversity()
+    d = expert_diversity(experts)
     assert d.shape == (4, 4) and torch.allclose(d, d.t()) and d.diagonal().abs().max() == 0 and d.max() == 1
-    assert "moe_aux_loss" not in _model().train()(torch.randn(2, 3, 32, 32))  # off by default
+    assert _model().train()(torch.randn(2, 3, 32, 32)).regularizers == {}  # off by default
 
 
 def test_single_task_forward_runs_only_that_head_and_matches():
@@ -109,18 +112,18 @@ def test_single_task_forward_runs_only_that_head_and_matches():
     for t, head in model.decoder.heads.items():
         head.register_forward_hook(lambda *_, t=t: calls.__setitem__(t, calls[t] + 1))
     with torch.no_grad():
-        full = model(x)
-        only = model(x, tasks=["normals"])
+        full = model(x).predictions
+        only = model(x, tasks=["normals"]).predictions
     assert list(only) == ["normals"] and calls == {"semseg": 1, "depth": 1, "normals": 2}
     torch.testing.assert_close(only["normals"], full["normals"], atol=1e-5, rtol=1e-5)
 
 
 def test_shared_representation_and_parameters():
     model = _model()
-    out = model(torch.randn(2, 3, 32, 32))
-    (rep,) = model.shared_representation()
+    output = model(torch.randn(2, 3, 32, 32))
+    (rep,) = output.shared
     for t in TASKS3:
-        (g,) = torch.autograd.grad(out[t].mean(), rep, retain_graph=True)
+        (g,) = torch.autograd.grad(output.predictions[t].mean(), rep, retain_graph=True)
         assert g.abs().sum() > 0
     dec = model.decoder
     assert {id(p) for p in model.task_parameters("depth")} == {
@@ -130,16 +133,19 @@ def test_shared_representation_and_parameters():
     assert {id(p) for p in dec.experts.parameters()} <= shared and {id(p) for p in dec.neck.parameters()} <= shared
 
 
-def test_expert_usage_accumulates_gate_mass():
+def test_expert_usage_is_each_tasks_gate_mass():
     model = _model().eval()
     with torch.no_grad():
-        model(torch.randn(3, 3, 32, 32))
-    usage = model.decoder.expert_usage()
-    assert set(usage) == set(TASKS3)
+        out = model(torch.randn(3, 3, 32, 32))
+    usage = {k: v for k, v in out.stats.items() if k.startswith("experts/")}
+    assert set(usage) == {f"experts/{t}" for t in TASKS3}
     for v in usage.values():
         assert v.shape == (4,) and v.sum().item() == pytest.approx(3.0)  # one unit of gate mass per image
-    model.decoder.reset_expert_usage()
-    assert all(v.sum() == 0 for v in model.decoder.expert_usage().values())
+    g = model.decoder.gate_weights(out.shared[0], "depth")
+    torch.testing.assert_close(usage["experts/depth"], g.mean(dim=(2, 3)).sum(0))
+    with torch.no_grad():
+        only = model(torch.randn(3, 3, 32, 32), tasks=["depth"]).stats
+    assert set(only) == {"experts/depth"}
 
 
 def test_mmoe_learns(synthetic_batch):
@@ -153,7 +159,7 @@ def test_mmoe_learns(synthetic_batch):
     batch = {t: synthetic_batch[t][:4] for t in TASKS3}
 
     def total():
-        out = model(images)
+        out = model(images).predictions
         return sum(model.tasks[t].loss(out[t], batch[t]) for t in TASKS3)
 
     first, last = adam_steps(model, total, steps=5)
@@ -176,5 +182,5 @@ def test_pretrained_folder_round_trip_keeps_the_exclusivity_mask(tmp_path):
     assert torch.equal(again.decoder.allowed, model.decoder.allowed)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        a, b = model(x), again(x)
+        a, b = model(x).predictions, again(x).predictions
     assert all(torch.equal(a[t], b[t]) for t in a)

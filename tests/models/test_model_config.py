@@ -36,7 +36,7 @@ def test_yaml_config_builds_the_described_model(tmp_path):
     model = create_model(path)
     assert model.decoder.backbone.strides == [4, 8, 16]
     assert model.decoder.neck.channels == 16
-    out = model(torch.randn(1, 3, 32, 48))
+    out = model(torch.randn(1, 3, 32, 48)).predictions
     assert out["semseg"].shape == (1, 13, 32, 48)
 
 

@@ -38,12 +38,12 @@ def _layer(dim=8, hidden=12, experts=4, k=2, **kw) -> MoE:
 def test_all_experts_no_noise_equals_hand_mixture():
     m = _layer(k=4, noisy_gating=False).train()  # training mode: still no noise, no capacity
     x = torch.randn(2, 5, 8)
-    out = m(x)
+    out, _, stats = m(x)
     flat = x.reshape(-1, 8)
     weights = torch.softmax(flat @ m.gate_weight["shared"], dim=-1)
     expected = sum(weights[:, e : e + 1] * m.expert(e, flat) for e in range(4))
     torch.testing.assert_close(out, expected.reshape(2, 5, 8), atol=1e-5, rtol=1e-5)
-    assert m.last_stats.dropped == 0 and m.last_stats.load.tolist() == [10, 10, 10, 10]
+    assert stats.dropped == 0 and stats.load.tolist() == [10, 10, 10, 10]
 
 
 def test_top1_gate_forced_to_one_expert_is_that_expert():
@@ -52,9 +52,10 @@ def test_top1_gate_forced_to_one_expert_is_that_expert():
         m.gate_weight["shared"].zero_()
         m.gate_weight["shared"][:, 2] = 10.0
     x = torch.rand(7, 8) + 0.1  # positive inputs: expert 2's logit is the largest for every token
-    torch.testing.assert_close(m(x), m.expert(2, x), atol=1e-6, rtol=1e-6)
-    assert m.last_stats.load.tolist() == [0, 0, 7, 0]
-    torch.testing.assert_close(m.last_stats.importance, torch.tensor([0.0, 0.0, 7.0, 0.0]))
+    out, _, stats = m(x)
+    torch.testing.assert_close(out, m.expert(2, x), atol=1e-6, rtol=1e-6)
+    assert stats.load.tolist() == [0, 0, 7, 0]
+    torch.testing.assert_close(stats.importance, torch.tensor([0.0, 0.0, 7.0, 0.0]))
 
 
 def test_capacity_overflow_drops_the_later_tokens_and_counts_them():
@@ -63,21 +64,21 @@ def test_capacity_overflow_drops_the_later_tokens_and_counts_them():
         m.gate_weight["shared"].zero_()
         m.gate_weight["shared"][:, 1] = 10.0
     x = torch.rand(10, 8) + 0.1
-    out = m(x)
+    out, _, stats = m(x)
     cap = 3  # ceil(1.0 * 10 tokens * k=1 / 4 experts)
-    assert m.capacity(10) == cap and m.last_stats.capacity == cap
+    assert m.capacity(10) == cap and stats.capacity == cap
     torch.testing.assert_close(out[:cap], m.expert(1, x[:cap]), atol=1e-6, rtol=1e-6)
     assert torch.equal(out[cap:], torch.zeros(10 - cap, 8))
-    assert m.last_stats.dropped == 7
-    assert m.last_stats.load.tolist() == [0, 10, 0, 0] and m.last_stats.kept.tolist() == [0, 3, 0, 0]
-    assert m.dropped_usage() == {"all": 7}
+    assert stats.dropped == 7
+    assert stats.load.tolist() == [0, 10, 0, 0] and stats.kept.tolist() == [0, 3, 0, 0]
+    assert {k: int(v) for k, v in stats.dropped_by_row.items()} == {"all": 7}
 
 
 def test_capacity_priority_matches_a_token_loop_reference():
     """First choices of all tokens are placed before any second choice; within a rank, earlier tokens first."""
     m = _layer(experts=4, k=2, capacity_factor=0.75, noisy_gating=False).eval()
     x = torch.randn(12, 8)
-    out = m(x)
+    out, _, stats = m(x)
     clean, _ = m.gate_logits(x)
     values, idx = clean.topk(2, dim=-1)
     gates = torch.softmax(values, dim=-1)
@@ -93,8 +94,8 @@ def test_capacity_priority_matches_a_token_loop_reference():
                 expected[n] += gates[n, rank] * m.expert(e, x[n : n + 1])[0]
             else:
                 dropped += 1
-    assert dropped > 0 and m.last_stats.dropped == dropped
-    assert m.last_stats.kept.tolist() == filled
+    assert dropped > 0 and stats.dropped == dropped
+    assert stats.kept.tolist() == filled
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -106,29 +107,24 @@ def test_cv_squared_on_hand_made_importance():
 
 def test_balancing_loss_is_weighted_cv_squared_of_importance_and_load():
     m = _layer(experts=4, k=2, noisy_gating=False, balance_weight=0.05).train()
-    m(torch.randn(16, 8))
-    aux = m.pop_aux_loss()
-    s = m.last_stats
+    _, aux, s = m(torch.randn(16, 8))
     expected = 0.05 * (cv_squared(s.importance) + cv_squared(s.load.float()))
     assert aux.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert m.pop_aux_loss() is None  # popped
     m.eval()
-    m(torch.randn(16, 8))
-    assert m.pop_aux_loss() is None  # the balancing loss is a training loss
+    assert m(torch.randn(16, 8)).balance_loss is None  # the balancing loss is a training loss
 
 
 def test_gradient_reaches_gate_and_noise_weights():
     m = _layer(experts=4, k=2).train()
-    out = m(torch.randn(20, 8))
-    (out.square().mean() + m.pop_aux_loss()).backward()
+    out, aux, _ = m(torch.randn(20, 8))
+    (out.square().mean() + aux).backward()
     for name in ("gate_weight", "noise_weight"):
         grad = getattr(m, name)["shared"].grad
         assert grad is not None and grad.abs().sum() > 0, name
     assert m.w1.grad.abs().sum() > 0 and m.w2.grad.abs().sum() > 0
     # the smooth load estimator alone carries gradient to the noise weights
     m.zero_grad()
-    m(torch.randn(20, 8))
-    m.pop_aux_loss().backward()
+    m(torch.randn(20, 8)).balance_loss.backward()
     assert m.noise_weight["shared"].grad.abs().sum() > 0
 
 
@@ -150,12 +146,12 @@ def test_smooth_load_matches_monte_carlo_redraw_of_one_experts_noise():
 def test_noise_only_in_training():
     m = _layer(experts=4, k=1).eval()
     x = torch.randn(30, 8)
-    torch.testing.assert_close(m(x), m(x))
+    torch.testing.assert_close(m(x).output, m(x).output)
     m.train()
     torch.manual_seed(3)
-    first = m(x)
+    first = m(x).output
     torch.manual_seed(4)
-    assert not torch.allclose(first, m(x))
+    assert not torch.allclose(first, m(x).output)
 
 
 def test_too_many_experts_per_token_is_a_clear_error():
@@ -177,12 +173,12 @@ def test_unknown_task_names_the_known_tasks():
 def test_per_task_gates_route_independently_and_a_batched_call_equals_separate_calls():
     m = _layer(k=2, tasks=["a", "b"], routing="per_task", noisy_gating=False).eval()
     xa, xb = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
-    together = m(torch.cat([xa, xb]), ["a", "b"])
-    torch.testing.assert_close(together, torch.cat([m(xa, "a"), m(xb, "b")]), atol=1e-6, rtol=1e-6)
-    assert not torch.allclose(m(xa, "a"), m(xa, "b"))  # two different gates
+    together = m(torch.cat([xa, xb]), ["a", "b"]).output
+    torch.testing.assert_close(together, torch.cat([m(xa, "a").output, m(xb, "b").output]), atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(m(xa, "a").output, m(xa, "b").output)  # two different gates
     # a task's loss reaches only its own gate
     m.train()
-    m(xa, "a").sum().backward()
+    m(xa, "a").output.sum().backward()
     assert m.gate_weight["a"].grad.abs().sum() > 0 and m.gate_weight["b"].grad is None
     assert [p is m.gate_weight["b"] for p in m.gate_parameters("b")][0]
 
@@ -195,20 +191,19 @@ def test_task_embedding_gate_depends_on_the_task_and_learns_the_embedding():
     torch.testing.assert_close(clean_a[0], m.task_embedding[0] @ m.gate_weight["shared"][8:])
     assert not torch.allclose(clean_a, clean_b)
     m.train()
-    m(torch.randn(6, 8), "b").sum().backward()
+    m(torch.randn(6, 8), "b").output.sum().backward()
     assert m.task_embedding.grad[1].abs().sum() > 0 and m.task_embedding.grad[0].abs().sum() == 0
 
 
-def test_usage_statistics_accumulate_per_task_and_reset():
+def test_usage_statistics_count_each_calls_assignments_per_task():
     m = _layer(k=2, tasks=["a", "b"], routing="per_task").eval()
-    m(torch.randn(10, 8), "a")
-    m(torch.randn(4, 8), "b")
-    m(torch.randn(10, 8), "a")
-    usage = m.expert_usage()
-    assert set(usage) == {"a", "b"}
-    assert usage["a"].sum().item() == 2 * 20 and usage["b"].sum().item() == 2 * 4
-    m.reset_stats()
-    assert all(v.sum() == 0 for v in m.expert_usage().values())
+    assert m(torch.randn(10, 8), "a").stats.usage["a"].sum().item() == 2 * 10
+    usage = m(torch.cat([torch.randn(10, 8), torch.randn(4, 8)]), ["a", "a"]).stats.usage
+    assert set(usage) == {"a"} and usage["a"].sum().item() == 2 * 14  # chunks of one task add up
+    x = torch.randn(8, 8)
+    split = m(x, ["a", "b"]).stats.usage
+    assert set(split) == {"a", "b"} and split["b"].sum().item() == 2 * 4
+    torch.testing.assert_close(split["b"], m(x[4:], "b").stats.usage["b"])  # routing as a separate call
 
 
 @pytest.mark.parametrize("dispatch", FORMS)
@@ -216,8 +211,8 @@ def test_half_precision_tokens_pass_through_autocast(dispatch):
     m = _layer(k=2, dispatch=dispatch).eval()
     x = torch.randn(6, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = m(x)
-    assert out.dtype == torch.float32 and torch.allclose(out, m(x), atol=5e-2)
+        out = m(x).output
+    assert out.dtype == torch.float32 and torch.allclose(out, m(x).output, atol=5e-2)
 
 
 # ---------------------------------------------------------------- dispatch forms
@@ -251,8 +246,8 @@ def _outputs_and_grads(m: MoE, x: torch.Tensor, reference: bool = False):
     if reference:
         out, kept, dropped = _token_loop(m, x)
     else:
-        out = m(x)
-        kept, dropped = m.last_stats.kept.tolist(), m.last_stats.dropped
+        out, _, stats = m(x)
+        kept, dropped = stats.kept.tolist(), stats.dropped
     probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
     wrt = [x, m.w1, m.b1, m.w2, m.b2, m.gate_weight["shared"]]
     grads = torch.autograd.grad((out * probe).sum(), wrt, allow_unused=True)
@@ -279,7 +274,7 @@ def _check_forms_against_token_loop(x: torch.Tensor, starve: int | None = None, 
         out, kept, dropped, grads = results[dispatch] = _outputs_and_grads(m, x)
         torch.testing.assert_close(out, expected[0], atol=1e-5, rtol=1e-5, msg=lambda s, tag=dispatch: f"{tag}: {s}")
         assert (kept, dropped) == expected[1:3], dispatch
-        assert m.dropped_usage() == {"all": dropped}
+        assert {k: int(v) for k, v in m(x).stats.dropped_by_row.items()} == {"all": dropped}
         for g, ref, name in zip(grads, expected[3], ("x", "w1", "b1", "w2", "b2", "gate")):
             tag = f"{dispatch} d/d{name}"
             torch.testing.assert_close(g, ref, atol=1e-5, rtol=1e-4, msg=lambda s, tag=tag: f"{tag}: {s}")
@@ -315,7 +310,7 @@ def test_dispatch_forms_match_a_token_loop_when_an_expert_gets_no_token(capacity
     m = _layer(noisy_gating=False, dispatch="grouped", experts=4, k=2).eval()
     with torch.no_grad():
         m.gate_weight["shared"][:, 3] = -10.0
-    m(x).sum().backward()
+    m(x).output.sum().backward()
     assert m.w1.grad[3].abs().sum() == 0 and m.w1.grad[:3].abs().sum() > 0  # zero, not missing
 
 
@@ -338,22 +333,22 @@ def test_dispatch_forms_share_parameters_and_state_dict_keys():
     assert grouped.w1.shape == (4, 12, 8) and grouped.w2.shape == (4, 8, 12)
     batched.load_state_dict(grouped.state_dict())
     x = torch.randn(9, 8)
-    torch.testing.assert_close(grouped.eval()(x), batched.eval()(x), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grouped.eval()(x).output, batched.eval()(x).output, atol=1e-6, rtol=1e-5)
 
 
 def test_dispatch_forms_agree_in_training_with_noise_and_on_empty_input():
     grouped, batched = _layer(k=2, dispatch="grouped").train(), _layer(k=2, dispatch="batched").train()
     x = torch.randn(30, 8)
-    outs, aux = [], []
+    results = []
     for m in (grouped, batched):
         torch.manual_seed(5)  # the same noise
-        outs.append(m(x))
-        aux.append(m.pop_aux_loss())
-    torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=1e-5)
-    assert aux[0].item() == aux[1].item()
-    assert torch.equal(grouped.expert_usage()["all"], batched.expert_usage()["all"])
+        results.append(m(x))
+    torch.testing.assert_close(results[0].output, results[1].output, atol=1e-6, rtol=1e-5)
+    assert results[0].balance_loss.item() == results[1].balance_loss.item()
+    assert torch.equal(results[0].stats.usage["all"], results[1].stats.usage["all"])
     for m in (grouped, batched):
-        assert m(torch.randn(0, 8)).shape == (0, 8) and m.last_stats.tokens == 0
+        empty = m(torch.randn(0, 8))
+        assert empty.output.shape == (0, 8) and empty.stats.tokens == 0
 
 
 @pytest.mark.parametrize("k", [1, 3])

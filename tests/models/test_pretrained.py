@@ -1,15 +1,26 @@
-"""Pretrained folders: save -> load gives the same model; bad folders fail cleanly without unpickling."""
+"""Pretrained folders: save -> load gives the same model; saving is atomic; bad folders fail cleanly
+without unpickling; the model modules import each other one way only."""
 
 from __future__ import annotations
 
+import ast
+import errno
 import json
+import os
 import pickle
+import sys
+import types
+from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from safetensors.torch import load_file, save_file
 
-from mtvision.models import CheckpointError, ConfigError, MultiTaskModel, create_model, load_model
+import mtvision.models
+from mtvision import atomic, errors
+from mtvision.engine import checkpoint
+from mtvision.models import CheckpointError, ConfigError, MultiTaskModel, create_model, load_model, pretrained, saving
 from mtvision.models.pretrained import FORMAT_VERSION
 
 
@@ -33,12 +44,12 @@ def test_save_load_gives_identical_outputs(tmp_path, decoder):
     model = _trained_like(decoder)
     model.save_pretrained(tmp_path / "m")
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
-    loaded = MultiTaskModel.from_pretrained(tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
     assert not loaded.training
     assert loaded.task_names == model.task_names
     x = torch.randn(2, 3, 40, 56)
     with torch.no_grad():
-        a, b = model(x), loaded(x)
+        a, b = model(x).predictions, loaded(x).predictions
     for t in a:
         assert torch.equal(a[t], b[t]), t
 
@@ -58,10 +69,14 @@ def test_saving_over_a_folder_replaces_it_atomically(tmp_path):
     with torch.no_grad():
         for p in second.parameters():
             p.add_(1.0)
-    first.save_pretrained(tmp_path)
-    second.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]  # no temp files left
-    state = load_file(str(tmp_path / "model.safetensors"))
+    target = tmp_path / "m"
+    first.save_pretrained(target)
+    target.chmod(0o750)
+    second.save_pretrained(target)
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary or set-aside folders left
+    assert target.stat().st_mode & 0o777 == 0o750  # the replaced folder's permissions carry over
+    state = load_file(str(target / "model.safetensors"))
     for k, v in second.state_dict().items():
         assert torch.equal(state[k], v)
 
@@ -192,5 +207,137 @@ def test_backbone_kwargs_survive_the_folder(tmp_path):
     assert loaded.config.backbone.kwargs["depths"] == [1, 1, 1, 1]
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
-        a, b = model(x), loaded(x)
+        a, b = model(x).predictions, loaded(x).predictions
     assert all(torch.equal(a[t], b[t]) for t in a)
+
+
+# ---------------------------------------------------------------------------------------------- atomic folders
+
+
+def _tiny():
+    return create_model(backbone="test_resnet", tasks=["depth"])
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_folder_files_get_normal_permissions(tmp_path, mask):
+    old = os.umask(mask)
+    try:
+        _tiny().save_pretrained(tmp_path / "m")
+    finally:
+        os.umask(old)
+    for name in ("config.json", "model.safetensors"):
+        assert (tmp_path / "m" / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
+    assert (tmp_path / "m").stat().st_mode & 0o777 == 0o777 & ~mask
+    if mask == 0o022:
+        assert (tmp_path / "m" / "model.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def _full_disk(*args, **kwargs):
+    path = Path(args[1])
+    path.write_bytes(b"partial")
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("failing", ["config.json", "model.safetensors"])
+def test_failed_save_leaves_the_previous_folder(tmp_path, monkeypatch, failing):
+    target = tmp_path / "m"
+    _tiny().save_pretrained(target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    if failing == "config.json":
+        monkeypatch.setattr(atomic, "_open_new", lambda path: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    else:
+        monkeypatch.setattr(safetensors.torch, "save_file", _full_disk)
+    second = _tiny()
+    with torch.no_grad():
+        for p in second.parameters():
+            p.add_(1.0)
+    with pytest.raises(OSError) as info:
+        second.save_pretrained(target)
+    assert info.value.errno == errno.ENOSPC
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # the temporary folder is gone
+    monkeypatch.undo()
+    load_model(target)  # still a complete folder
+
+
+def test_saving_never_deletes_other_files(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"notes\.txt.*choose a new or empty folder"):
+        _tiny().save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="is not a folder"):
+        _tiny().save_pretrained(tmp_path / "file")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _tiny().save_pretrained(empty)  # an empty folder is fine
+    assert sorted(p.name for p in empty.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_saving_through_a_symlink_keeps_the_link(tmp_path):
+    real = tmp_path / "real"
+    _tiny().save_pretrained(real)
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    _tiny().save_pretrained(link)
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert load_model(link).task_names == ["depth"]
+
+
+def test_push_to_hub_uploads_a_pretrained_folder(monkeypatch):
+    uploads = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, private, exist_ok):
+            assert private and exist_ok
+            return f"https://hub/{repo_id}"
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            uploads.append((repo_id, sorted(p.name for p in Path(folder_path).iterdir()), commit_message))
+
+    fake = types.ModuleType("huggingface_hub")
+    fake.HfApi = FakeApi
+    monkeypatch.setitem(sys.modules, "huggingface_hub", fake)
+    assert _tiny().push_to_hub("someone/m", commit_message="c") == "https://hub/someone/m"
+    assert uploads == [("someone/m", ["config.json", "model.safetensors"], "c")]
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)
+    with pytest.raises(errors.MTVisionError, match="needs huggingface_hub"):
+        _tiny().push_to_hub("someone/m")
+
+
+# ---------------------------------------------------------------------------------------------- module structure
+
+
+def _imported_modules(module) -> set[str]:
+    """Every module `module`'s source imports, at top level or inside functions (relative imports resolved)."""
+    tree = ast.parse(Path(module.__file__).read_text(encoding="utf-8"))
+    package = module.__name__.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def test_model_modules_import_each_other_one_way_only():
+    from mtvision.models import multitask
+
+    loaders = {"mtvision.models.pretrained", "mtvision.models.registry"}
+    assert not _imported_modules(multitask) & loaders
+    assert not _imported_modules(saving) & (loaders | {"mtvision.models.multitask"})
+    assert not hasattr(MultiTaskModel, "from_pretrained")  # loading goes through mtvision.load / load_model
+    assert pretrained.save_pretrained is saving.save_pretrained and pretrained.push_to_hub is saving.push_to_hub
+
+
+def test_there_is_one_checkpoint_error():
+    assert CheckpointError is errors.CheckpointError is checkpoint.CheckpointError is pretrained.CheckpointError
+    assert mtvision.models.CheckpointError is CheckpointError
+    assert issubclass(CheckpointError, errors.MTVisionError) and issubclass(CheckpointError, ValueError)

@@ -9,7 +9,8 @@ import torch
 
 from mtvision.engine.trainer import train
 from mtvision.models import create_model
-from mtvision.models.decoders.taps import PENALTY_KEY, TAPSDecoder
+from mtvision.models.decoders.base import TAPS_SPARSITY
+from mtvision.models.decoders.taps import TAPSDecoder
 from mtvision.models.registry import get_decoder
 from mtvision.search import taps
 from tests.engine.test_trainer import final_weights, tiny_config
@@ -36,14 +37,15 @@ def test_registered_builds_and_trains_deltas_scores_necks_and_heads():
     assert get_decoder("taps") is TAPSDecoder
     model = _model().train()
     x = torch.randn(2, 3, 32, 32)
-    out = model(x)
+    output = model(x)
+    out, regs = output.predictions, output.regularizers
     assert {t: tuple(out[t].shape) for t in TASKS3} == {
         "semseg": (2, 5, 32, 32),
         "depth": (2, 1, 32, 32),
         "normals": (2, 3, 32, 32),
     }
-    assert set(out) == {*TASKS3, PENALTY_KEY} and out[PENALTY_KEY].ndim == 0
-    (sum(out[t].mean() for t in TASKS3) + out[PENALTY_KEY]).backward()
+    assert set(out) == set(TASKS3) and set(regs) == {TAPS_SPARSITY} and regs[TAPS_SPARSITY].ndim == 0
+    (sum(out[t].mean() for t in TASKS3) + regs[TAPS_SPARSITY]).backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, missing[:5]
     decoder = model.decoder
@@ -57,9 +59,9 @@ def test_registered_builds_and_trains_deltas_scores_necks_and_heads():
     }
     shared = {id(p) for p in decoder.shared_parameters()}
     assert {id(m.base.weight) for m in _layers(model)} <= shared and not own & shared
-    assert decoder.shared_representation() == []
+    assert output.shared == []
     with torch.no_grad():
-        assert PENALTY_KEY not in model.eval()(x)
+        assert model.eval()(x).regularizers == {}
 
 
 def test_freeze_shared_false_trains_w():
@@ -78,9 +80,9 @@ def test_one_backbone_pass_per_requested_task():
     calls = []
     model.decoder.backbone.register_forward_hook(lambda *_: calls.append(1))
     with torch.no_grad():
-        only = model(x, tasks=["depth"])
+        only = model(x, tasks=["depth"]).predictions
         assert len(calls) == 1 and list(only) == ["depth"]
-        full = model(x)
+        full = model(x).predictions
     assert len(calls) == 1 + 3
     torch.testing.assert_close(only["depth"], full["depth"], rtol=0, atol=0)
 
@@ -98,15 +100,15 @@ def test_closed_gates_give_the_shared_backbone_and_one_open_gate_changes_only_it
         for t in TASKS3:
             for a, b in zip(decoder.task_features(x, t), shared):
                 assert torch.equal(a, b)
-        before = model(x)
+        before = model(x).predictions
         layers[1].scores["depth"].fill_(0.5)  # a stem conv (timm zero-inits the blocks' last BN at first)
-        after = model(x)
+        after = model(x).predictions
         moved = decoder.task_features(x, "depth")[-1]
     assert decoder.adapted_layers() == {"semseg": [], "depth": [layers[1].layer_name], "normals": []}
     assert torch.equal(after["semseg"], before["semseg"]) and torch.equal(after["normals"], before["normals"])
     assert not torch.equal(after["depth"], before["depth"])
     assert float((moved - shared[-1]).abs().max()) > 1e-2
-    scalars = decoder.training_scalars()
+    scalars = model.state_scalars()
     assert scalars["taps/depth/open_layers"] == 1 and scalars["taps/semseg/open_fraction"] == 0
     n = layers[1].num_weights / sum(m.num_weights for m in layers)
     assert scalars["taps/depth/param_fraction"] == pytest.approx(n)
@@ -115,11 +117,11 @@ def test_closed_gates_give_the_shared_backbone_and_one_open_gate_changes_only_it
 def test_penalty_over_the_requested_tasks_and_warmup():
     model = _model(sparsity=2.0, penalty_warmup=1).train()
     x = torch.randn(2, 3, 32, 32)
-    assert PENALTY_KEY not in model(x)  # the first training forward is in the warm-up
-    out = model(x, tasks=["depth", "normals"])
+    assert TAPS_SPARSITY not in model(x).regularizers  # the first training forward is in the warm-up
+    out = model(x, tasks=["depth", "normals"]).regularizers
     # every score starts at 0.15: λ · (1/L) Σ_l 0.15 per task, two tasks
-    assert float(out[PENALTY_KEY].detach()) == pytest.approx(2.0 * 0.15 * 2, rel=1e-6)
-    by_params = _model(penalty="params").train()(x, tasks=["depth"])[PENALTY_KEY]
+    assert float(out[TAPS_SPARSITY].detach()) == pytest.approx(2.0 * 0.15 * 2, rel=1e-6)
+    by_params = _model(penalty="params").train()(x, tasks=["depth"]).regularizers[TAPS_SPARSITY]
     assert float(by_params.detach()) == pytest.approx(0.15, rel=1e-6)
     with pytest.raises(ValueError, match="penalty"):
         _model(penalty="flops")
@@ -135,7 +137,7 @@ def test_export_gives_a_plain_network_with_the_task_output():
     plain = model.decoder.export("normals").eval()
     assert not list(taps.taps_layers(plain)) and not any("deltas" in k for k in plain.state_dict())
     with torch.no_grad():
-        torch.testing.assert_close(plain(x), model.decoder(x, ["normals"])["normals"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(plain(x), model.decoder(x, ["normals"]).predictions["normals"], rtol=0, atol=1e-5)
 
 
 def test_trainer_adds_the_penalty_and_it_reaches_the_scores(tmp_path):
@@ -150,7 +152,7 @@ def test_trainer_adds_the_penalty_and_it_reaches_the_scores(tmp_path):
     )
     train(cfg, device="cpu")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    penalties = [r["train/moe_aux_loss"] for r in rows if "train/moe_aux_loss" in r]
+    penalties = [r["train/regularizer/taps_sparsity"] for r in rows if "train/regularizer/taps_sparsity" in r]
     assert len(penalties) == 2 and all(p > 0 for p in penalties)
     scores = {k: v for k, v in final_weights(out).items() if ".scores." in k}
     assert len(scores) == 15 * 4
@@ -175,4 +177,4 @@ def test_every_backbone_family_gets_task_networks_that_start_shared_and_export_e
         assert all(torch.equal(a, b) for a, b in zip(decoder.task_features(x, "semseg"), shared))
         assert any(not torch.equal(a, b) for a, b in zip(decoder.task_features(x, "depth"), shared))
         exported = decoder.export("depth").eval()(x)
-        torch.testing.assert_close(exported, decoder(x, ["depth"])["depth"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(exported, decoder(x, ["depth"]).predictions["depth"], rtol=0, atol=1e-5)

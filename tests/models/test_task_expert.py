@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from mtvision.errors import MTVisionError
 from mtvision.models import create_model
 from mtvision.models.decoders.cross_task_attention import DecoderStrideError
+from mtvision.models.decoders.base import MOE_BALANCE
 from mtvision.models.decoders.task_expert import TaskExpertDecoder, to_grid
 from mtvision.models.moe import MoEError
 from tests.models.learning import adam_steps
@@ -29,8 +30,13 @@ def _model(tasks=TASKS3, backbone="resnet", seed=0, **options):
     return create_model(backbone=BACKBONES[backbone], decoder="taskexpert", tasks=spec, decoder_options=options)
 
 
-def _grid_features(dec):
-    feats = dec.shared_representation()
+def _grid(dec, x):
+    """The grid the memorial layers work on for images `x` (padded to the size divisor)."""
+    d = dec.size_divisor
+    return (-(-x.shape[-2] // d) * d // dec.feature_stride, -(-x.shape[-1] // d) * d // dec.feature_stride)
+
+
+def _grid_features(dec, feats):
     h, w = feats[0].shape[-2:]
     grid = (h * dec.backbone.strides[0] // dec.feature_stride, w * dec.backbone.strides[0] // dec.feature_stride)
     return [to_grid(f, grid) for f in feats]
@@ -45,9 +51,10 @@ def test_assembled_feature_is_the_gated_sum_of_experts_and_memory(backbone):
         head.register_forward_pre_hook(lambda _, args, t=t: seen.__setitem__(t, args[0]))
     x = torch.randn(2, 3, 32, 48)
     with torch.no_grad():
-        model(x)
+        out = model(x)
+        run = dec.memorial_pass(out.shared, _grid(dec, x), TASKS3)
         memory = {}
-        for layer, xl in enumerate(_grid_features(dec)):
+        for layer, xl in enumerate(_grid_features(dec, out.shared)):
             experts = dec.experts[layer](xl)  # N x E x C x H x W
             assert experts.shape[1:3] == (E, 8) and torch.all(experts >= 0)  # ReLU experts
             for t in TASKS3:
@@ -61,7 +68,7 @@ def test_assembled_feature_is_the_gated_sum_of_experts_and_memory(backbone):
                 expected = sum(g[:, e : e + 1] * experts[:, e] for e in range(E))
                 if layer:
                     expected = expected + g[:, E : E + 1] * memory[t]  # the memory is one more expert
-                torch.testing.assert_close(dec.last_features[layer][t], expected, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(run.features[layer][t], expected, atol=1e-5, rtol=1e-5)
                 torch.testing.assert_close(dec.gate_weights(layer, t, xl, memory.get(t)), g, atol=1e-6, rtol=1e-5)
                 write = dec.writes[layer][t](expected)
                 memory[t] = write if layer == 0 else memory[t] + write
@@ -74,12 +81,13 @@ def test_the_memory_of_layer_one_changes_what_layer_two_assembles():
     dec = model.decoder
     x = torch.randn(2, 3, 32, 48)
     with torch.no_grad():
-        base = model(x)
-        before = [{t: f.clone() for t, f in d.items()} for d in dec.last_features]
+        output = model(x)
+        base, feats = output.predictions, output.shared
+        before = dec.memorial_pass(feats, _grid(dec, x), TASKS3).features
         hook = dec.writes[0]["depth"].register_forward_hook(lambda *args: args[2] + 0.5)
-        perturbed = model(x)
+        perturbed = model(x).predictions
+        after = dec.memorial_pass(feats, _grid(dec, x), TASKS3).features
         hook.remove()
-    after = dec.last_features
     torch.testing.assert_close(after[0]["depth"], before[0]["depth"])  # layer 1 itself is untouched
     assert (after[1]["depth"] - before[1]["depth"]).abs().max() > 1e-3  # layer 2 reads the memory
     assert (perturbed["depth"] - base["depth"]).abs().max() > 1e-4
@@ -88,7 +96,7 @@ def test_the_memory_of_layer_one_changes_what_layer_two_assembles():
             torch.testing.assert_close(after[layer][t], before[layer][t])
         torch.testing.assert_close(perturbed[t], base[t])
     # the memory is also an input of the memorial gate
-    xl = _grid_features(dec)[1]
+    xl = _grid_features(dec, feats)[1]
     m = torch.randn(2, 8, *xl.shape[-2:])
     with torch.no_grad():
         assert not torch.allclose(dec.gate_weights(1, "depth", xl, m), dec.gate_weights(1, "depth", xl, m + 1.0))
@@ -100,9 +108,9 @@ def test_task_order_does_not_matter():
     other.load_state_dict(model.state_dict())  # parameters are keyed by task name
     x = torch.randn(2, 3, 32, 48)
     with torch.no_grad():
-        a = model(x)
-        b = other(x)
-        c = model(x, tasks=["normals", "depth", "semseg"])
+        a = model(x).predictions
+        b = other(x).predictions
+        c = model(x, tasks=["normals", "depth", "semseg"]).predictions
     for t in TASKS3:
         torch.testing.assert_close(a[t], b[t], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(a[t], c[t], atol=1e-5, rtol=1e-5)
@@ -111,11 +119,12 @@ def test_task_order_does_not_matter():
 @pytest.mark.parametrize("backbone", sorted(BACKBONES))
 def test_single_task_model_trains_a_step(backbone):
     model = _model(tasks=("depth",), backbone=backbone).train()
-    out = model(torch.randn(2, 3, 32, 48))
+    output = model(torch.randn(2, 3, 32, 48))
+    out = output.predictions
     assert list(out) == ["depth"] and out["depth"].shape == (2, 1, 32, 48)
     out["depth"].square().mean().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
-    assert set(model.decoder.expert_usage()[1]) == {"depth"}
+    assert {k.split("/")[2] for k in output.stats} == {"depth"}
 
 
 def test_subset_forward_matches_and_runs_only_the_subset():
@@ -126,8 +135,8 @@ def test_subset_forward_matches_and_runs_only_the_subset():
         gate.register_forward_hook(lambda *_, t=t: calls.__setitem__(t, calls[t] + 1))
     x = torch.randn(2, 3, 32, 48)
     with torch.no_grad():
-        full = model(x)
-        sub = model(x, tasks=["normals", "semseg"])
+        full = model(x).predictions
+        sub = model(x, tasks=["normals", "semseg"]).predictions
     assert list(sub) == ["normals", "semseg"]
     assert calls == {"semseg": 2, "depth": 1, "normals": 2}
     for t in sub:
@@ -136,8 +145,8 @@ def test_subset_forward_matches_and_runs_only_the_subset():
 
 def test_every_task_loss_reaches_every_shared_tensor_and_only_its_own_parameters():
     model = _model().train()
-    out = model(torch.randn(2, 3, 32, 48))
-    rep = model.shared_representation()
+    output = model(torch.randn(2, 3, 32, 48))
+    out, rep = output.predictions, output.shared
     assert len(rep) == 4 and all(r.requires_grad for r in rep)
     for t in TASKS3:
         grads = torch.autograd.grad(out[t].square().mean(), rep, retain_graph=True)
@@ -170,8 +179,8 @@ def test_odd_sizes_are_padded_and_cropped(backbone):
     assert d == {"resnet": 32, "vit": 16}[backbone]
     x = torch.randn(1, 3, 33, 47)
     with torch.no_grad():
-        out = model(x)
-        padded = model(F.pad(x, (0, -47 % d, 0, -33 % d)))  # what the decoder sees
+        out = model(x).predictions
+        padded = model(F.pad(x, (0, -47 % d, 0, -33 % d))).predictions  # what the decoder sees
     for t in TASKS3:
         assert out[t].shape[-2:] == (33, 47)
         torch.testing.assert_close(out[t], padded[t][..., :33, :47], atol=1e-5, rtol=1e-5)
@@ -201,26 +210,22 @@ def test_strides_that_do_not_fit_are_clear_errors():
         _model(backbone="vit", feature_stride=8)  # a plain ViT has only stride 16
 
 
-def test_expert_usage_accumulates_gate_mass_and_resets():
+def test_expert_usage_is_each_tasks_gate_mass_per_layer():
     model = _model().eval()
     dec = model.decoder
     x = torch.randn(3, 3, 32, 48)
     with torch.no_grad():
-        model(x)
-        usage = dec.expert_usage()
-        assert set(usage) == set(range(4)) and all(set(u) == set(TASKS3) for u in usage.values())
-        for layer, per_task in usage.items():
-            for v in per_task.values():
-                assert v.shape == ((E,) if layer == 0 else (E + 1,))
-                assert v.sum().item() == pytest.approx(3.0)  # one unit of gate mass per image
-        g = dec.gate_weights(0, "depth", _grid_features(dec)[0], None)
-        torch.testing.assert_close(usage[0]["depth"], g.double().mean(dim=(2, 3)).sum(0), atol=1e-6, rtol=1e-6)
-        model(x, tasks=["depth"])
-    again = dec.expert_usage()
-    torch.testing.assert_close(again[2]["depth"], 2 * usage[2]["depth"], atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(again[2]["semseg"], usage[2]["semseg"])
-    dec.reset_expert_usage()
-    assert all(v.sum() == 0 for u in dec.expert_usage().values() for v in u.values())
+        output = model(x)
+        usage = output.stats
+        assert set(usage) == {f"experts/layer{layer}/{t}" for layer in range(4) for t in TASKS3}
+        for key, v in usage.items():
+            assert v.shape == ((E,) if key.startswith("experts/layer0/") else (E + 1,))
+            assert v.sum().item() == pytest.approx(3.0)  # one unit of gate mass per image
+        g = dec.gate_weights(0, "depth", _grid_features(dec, output.shared)[0], None)
+        torch.testing.assert_close(usage["experts/layer0/depth"], g.mean(dim=(2, 3)).sum(0), atol=1e-6, rtol=1e-6)
+        only = model(x, tasks=["depth"]).stats
+    torch.testing.assert_close(only["experts/layer2/depth"], usage["experts/layer2/depth"], atol=1e-6, rtol=1e-6)
+    assert "experts/layer2/semseg" not in only
 
 
 def test_taskexpert_learns(synthetic_batch):
@@ -235,8 +240,8 @@ def test_taskexpert_learns(synthetic_batch):
 
     def total():
         out = model(images)
-        assert "moe_aux_loss" not in out and "aux" not in out
-        return sum(model.tasks[t].loss(out[t], batch[t]) for t in TASKS3)
+        assert out.regularizers == {} and out.deep_supervision == {}
+        return sum(model.tasks[t].loss(out.predictions[t], batch[t]) for t in TASKS3)
 
     first, last = adam_steps(model, total, steps=5)
     assert last < first * 0.95
@@ -266,24 +271,25 @@ def test_balance_loss_is_the_weighted_sum_of_cv2_of_the_experts_importance():
             expected = expected + 0.5 * imp.var(unbiased=False) / imp.mean() ** 2
             with_memory = with_memory + 0.5 * mass.var(unbiased=False) / mass.mean() ** 2
     assert len(seen) == 4 * len(TASKS3)  # summed over every layer and task
-    torch.testing.assert_close(out["moe_aux_loss"].detach(), expected, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(out.regularizers[MOE_BALANCE].detach(), expected, atol=1e-6, rtol=1e-4)
     assert expected > 1e-4 and abs(float(with_memory - expected)) > 1e-3 * float(expected)  # the test can tell
 
 
 def test_balance_loss_is_absent_by_default_in_eval_and_with_one_expert():
     x = torch.randn(2, 3, 32, 48)
-    assert "moe_aux_loss" not in _model().train()(x)  # the paper: task losses only
-    assert "moe_aux_loss" not in _model(balance_weight=0.1).eval()(x)
-    assert "moe_aux_loss" not in _model(balance_weight=0.1, num_experts=1).train()(x)
+    assert _model().train()(x).regularizers == {}  # the paper: task losses only
+    assert _model(balance_weight=0.1).eval()(x).regularizers == {}
+    assert _model(balance_weight=0.1, num_experts=1).train()(x).regularizers == {}
     sub = _model(balance_weight=0.1).train()(x, tasks=["depth"])
-    assert set(sub) == {"depth", "moe_aux_loss"} and sub["moe_aux_loss"] > 0
+    assert set(sub.predictions) == {"depth"} and set(sub.regularizers) == {MOE_BALANCE}
+    assert sub.regularizers[MOE_BALANCE] > 0
 
 
 def test_balance_loss_leaves_the_predictions_unchanged():
     plain, balanced = _model().train(), _model(balance_weight=1.0).train()
     balanced.load_state_dict(plain.state_dict())
     x = torch.randn(2, 3, 32, 48)
-    a, b = plain(x), balanced(x)
+    a, b = plain(x).predictions, balanced(x).predictions
     for t in TASKS3:
         torch.testing.assert_close(a[t], b[t])
 
@@ -292,7 +298,7 @@ def test_balance_loss_gradient_reaches_the_gates_only():
     model = _model(balance_weight=0.5).train()
     dec = model.decoder
     out = model(torch.randn(2, 3, 32, 48), tasks=["depth", "normals"])
-    out["moe_aux_loss"].backward()
+    out.regularizers[MOE_BALANCE].backward()
     gates = {id(p) for layer in dec.gates for t in ("depth", "normals") for p in layer[t].parameters()}
     for name, p in model.named_parameters():
         if id(p) in gates:
@@ -304,7 +310,7 @@ def test_balance_loss_gradient_reaches_the_gates_only():
 def test_balance_loss_alone_evens_the_gates():
     model = _model(balance_weight=1.0).train()
     x = torch.randn(2, 3, 32, 48)
-    first, last = adam_steps(model, lambda: model(x)["moe_aux_loss"], steps=5)
+    first, last = adam_steps(model, lambda: model(x).regularizers[MOE_BALANCE], steps=5)
     assert last < first * 0.5
 
 

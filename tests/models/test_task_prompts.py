@@ -25,7 +25,7 @@ def test_outputs_any_size_and_every_used_parameter_learns():
     dec = model.decoder
     assert isinstance(dec, TaskPrompterDecoder)
     assert dec.prompter.layers == [1, 2, 3, 4] and dec.prompter.prompts.shape == (3, 192)
-    out = model(torch.randn(2, 3, 70, 90))  # padded to 80 x 96, cropped back
+    out = model(torch.randn(2, 3, 70, 90)).predictions  # padded to 80 x 96, cropped back
     assert {t: tuple(o.shape) for t, o in out.items()} == {"semseg": (2, 5, 70, 90), "depth": (2, 1, 70, 90), "normals": (2, 3, 70, 90)}
     sum(o.square().mean() for o in out.values()).backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
@@ -49,9 +49,9 @@ def test_prompts_carry_task_interaction():
     model = _model().eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        base = model(x)
+        base = model(x).predictions
         model.decoder.prompter.prompts[0].add_(torch.randn(192))  # the semseg prompt
-        moved = model(x)
+        moved = model(x).predictions
     # prompts attend to each other and to the patches, so every task sees the change
     assert all((moved[t] - base[t]).abs().max() > 1e-5 for t in TASKS3)
 
@@ -59,7 +59,7 @@ def test_prompts_carry_task_interaction():
 def test_each_task_loss_reaches_its_own_prompt_and_the_shared_blocks():
     torch.manual_seed(0)
     model = _model()
-    out = model(torch.randn(2, 3, 64, 64))
+    out = model(torch.randn(2, 3, 64, 64)).predictions
     prompts = model.decoder.prompter.prompts
     qkv = model.decoder.prompter.vit.blocks[0].attn.qkv.weight
     for i, t in enumerate(TASKS3):
@@ -72,15 +72,15 @@ def test_subset_forward_matches_full_and_task_parameters_are_isolated():
     model = _model().eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        full, only = model(x), model(x, tasks=["depth"])
+        full, only = model(x).predictions, model(x, tasks=["depth"]).predictions
     assert list(only) == ["depth"] and torch.allclose(only["depth"], full["depth"], atol=1e-5)
     model.train()
-    out = model(x)
-    out["normals"].square().mean().backward()
+    output = model(x)
+    output.predictions["normals"].square().mean().backward()
     for t in ("semseg", "depth"):
         assert all(p.grad is None for p in model.task_parameters(t)), t
     assert all(p.grad is not None for p in model.task_parameters("normals"))
-    assert model.shared_representation() == []
+    assert output.shared == []
     shared = {id(p) for p in model.shared_parameters()}
     assert id(model.decoder.prompter.prompts) in shared
 
@@ -88,7 +88,7 @@ def test_subset_forward_matches_full_and_task_parameters_are_isolated():
 def test_single_task_and_prompt_length():
     model = _model(tasks=("depth",), prompt_len=2)
     assert model.decoder.prompter.prompts.shape == (2, 192)
-    assert model(torch.randn(2, 3, 48, 64))["depth"].shape == (2, 1, 48, 64)
+    assert model(torch.randn(2, 3, 48, 64)).predictions["depth"].shape == (2, 1, 48, 64)
 
 
 def test_refuses_non_vit_backbones_and_bad_options():

@@ -10,7 +10,8 @@ import torch
 from mtvision.errors import UnknownNameError
 from mtvision.models.registry import create_model
 from mtvision.optim.aggregators import make_aggregator, min_norm_weights
-from mtvision.optim.calibrator import CalibrationError, CalibrationStats, GradientCalibrator, make_calibrator
+from mtvision.optim.calibrator import CalibrationError, CalibrationStats, GradientCalibrator
+from mtvision.optim.factory import make_calibrator
 
 TASKS = {"semseg": 3, "depth": None, "normals": None}
 
@@ -29,9 +30,20 @@ def tiny(decoder: str = "hps"):
     return model, images, targets
 
 
-def losses_of(model, images, targets):
+def forward(model, images, targets):
+    """(per-task losses, the model output they came from)."""
     out = model(images)
-    return {t: model.tasks[t].loss(out[t], targets[t]) for t in TASKS}
+    return {t: model.tasks[t].loss(out.predictions[t], targets[t]) for t in TASKS}, out
+
+
+def losses_of(model, images, targets):
+    return forward(model, images, targets)[0]
+
+
+def calibrate(calibrator, model, images, targets, **kwargs):
+    """`calibrator.backward` on a fresh forward, with that forward's shared representation and branches."""
+    losses, out = forward(model, images, targets)
+    return calibrator.backward(losses, out.shared, out.branches, **kwargs)
 
 
 def grads(model) -> dict[str, torch.Tensor]:
@@ -50,7 +62,7 @@ def test_equal_weights_reproduce_the_summed_loss_gradient(level, decoder):
     model, images, targets = tiny(decoder)
     want = summed_loss_grads(model, images, targets)
     model.zero_grad(set_to_none=True)
-    stats = GradientCalibrator(model, make_aggregator("ew"), level).backward(losses_of(model, images, targets))
+    stats = calibrate(GradientCalibrator(model, make_aggregator("ew"), level), model, images, targets)
     got = grads(model)
     assert got.keys() == want.keys()
     scale = max(float(g.abs().max()) for g in want.values())  # float32 re-association of the task sum
@@ -59,10 +71,59 @@ def test_equal_weights_reproduce_the_summed_loss_gradient(level, decoder):
     assert stats.weights == {"semseg": 1.0, "depth": 1.0, "normals": 1.0}
 
 
+MULTI_LEVEL = {  # decoders whose shared representation is several backbone levels
+    "invpt": {"task_channels": 16, "prediction_channels": 8},
+    "taskexpert": {"num_experts": 2, "channels": 8, "head_channels": 8},
+    "mtmamba": {"channels": 8, "head_channels": 8},
+    "branched": {"spec": {"tasks": list(TASKS), "stages": [[list(TASKS)]] * 2 + [[["semseg"], ["depth", "normals"]]] * 2},
+                 "neck_channels": 8, "head_channels": 8},
+}
+
+
+@pytest.mark.parametrize("decoder", sorted(MULTI_LEVEL))
+def test_equal_weights_at_several_representation_tensors_are_the_summed_gradient(decoder):
+    """The representation is a cut: a backbone level's gradient excludes the paths through later
+    levels computed from it, so backpropagating from every level counts each path once."""
+    torch.manual_seed(0)
+    model = create_model(backbone="test_resnet", decoder=decoder, tasks=TASKS, decoder_options=MULTI_LEVEL[decoder])
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(2, 3, 64, 64, generator=g)
+    targets = {"semseg": torch.randint(0, 3, (2, 64, 64), generator=g), "depth": torch.rand(2, 1, 64, 64, generator=g) + 1,
+               "normals": torch.nn.functional.normalize(torch.randn(2, 3, 64, 64, generator=g), dim=1)}
+    torch.manual_seed(2)  # the same drop-path draws in both forwards
+    want = summed_loss_grads(model, images, targets)
+    torch.manual_seed(2)
+    losses, out = forward(model, images, targets)
+    assert len(out.shared) >= 2
+    model.zero_grad(set_to_none=True)
+    GradientCalibrator(model, make_aggregator("ew"), "features").backward(losses, out.shared)
+    got = grads(model)
+    assert got.keys() == want.keys()
+    scale = max(float(g.abs().max()) for g in want.values())
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6 * scale, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_fuller_with_equal_branch_norms_is_the_summed_gradient():
+    """With the branch gradients rescaled by 1 (a single branch), FULLER is plain backpropagation."""
+    torch.manual_seed(0)
+    model = create_model(backbone={"name": "test_resnet", "out_indices": [3]}, decoder="hps", tasks=TASKS,
+                         decoder_options={"neck_channels": 16, "head_channels": 8})
+    _, images, targets = tiny()
+    want = summed_loss_grads(model, images, targets)
+    model.zero_grad(set_to_none=True)
+    calibrate(GradientCalibrator(model, make_aggregator("ew"), "fuller"), model, images, targets)
+    scale = max(float(g.abs().max()) for g in want.values())
+    got = grads(model)
+    assert got.keys() == want.keys()
+    for name, g in got.items():
+        torch.testing.assert_close(g, want[name], rtol=1e-5, atol=1e-6 * scale)
+
+
 def test_features_level_mgda_matches_a_hand_assembled_update():
     model, images, targets = tiny()
-    losses = losses_of(model, images, targets)
-    reps = model.shared_representation()
+    losses, out = forward(model, images, targets)
+    reps = out.shared
     g = [torch.autograd.grad(losses[t], reps, retain_graph=True)[0] for t in TASKS]
     flat = torch.stack([x.reshape(-1).double() for x in g])
     k = flat @ flat.T
@@ -72,7 +133,7 @@ def test_features_level_mgda_matches_a_hand_assembled_update():
     want_heads = {t: torch.autograd.grad(losses[t], list(model.task_parameters(t)), retain_graph=True) for t in TASKS}
 
     model.zero_grad(set_to_none=True)
-    stats = GradientCalibrator(model, make_aggregator("mgda"), "features").backward(losses)
+    stats = GradientCalibrator(model, make_aggregator("mgda"), "features").backward(losses, reps)
     torch.testing.assert_close(stats.gramian, k, rtol=1e-10, atol=0)
     assert [stats.weights[t] for t in TASKS] == pytest.approx(w.tolist(), rel=1e-9)
     assert abs(sum(stats.weights.values()) - 1) < 1e-9 and min(stats.weights.values()) < 0.99  # really reweighted
@@ -111,17 +172,22 @@ def test_bad_input_is_a_clear_error():
         make_calibrator(model, "pcgard")
     with pytest.raises(UnknownNameError, match="did you mean 'c'"):
         make_calibrator(model, "cagrad", cc=0.5)
-    losses = losses_of(model, images, targets)
+    losses, out = forward(model, images, targets)
     losses["depth"] = sum(p.sum() for p in model.task_parameters("depth"))  # reaches its head only
     with pytest.raises(CalibrationError, match="task 'depth' has no gradient path to the shared representation"):
-        GradientCalibrator(model, make_aggregator("ew")).backward(losses)
+        GradientCalibrator(model, make_aggregator("ew")).backward(losses, out.shared)
     losses = losses_of(model, images, targets)
     losses["depth"] = sum(p.sum() for p in model.task_parameters("depth"))
     with pytest.raises(CalibrationError, match="task 'depth' has no gradient path to the shared parameters"):
         GradientCalibrator(model, make_aggregator("ew"), "params").backward(losses)
     stitched, images, targets = tiny("cross_stitch")
     with pytest.raises(CalibrationError, match="level='params'"):
-        GradientCalibrator(stitched, make_aggregator("ew")).backward(losses_of(stitched, images, targets))
+        calibrate(GradientCalibrator(stitched, make_aggregator("ew")), stitched, images, targets)
+    with pytest.raises(CalibrationError, match="level='params'"):  # features must be given explicitly
+        GradientCalibrator(model, make_aggregator("ew")).backward(losses_of(model, images, targets))
+    losses, out = forward(model, images, targets)
+    with pytest.raises(CalibrationError, match="branch points"):
+        GradientCalibrator(model, make_aggregator("ew"), "fuller").backward(losses, out.shared)
 
 
 @pytest.mark.parametrize("level", ["features", "params"])
@@ -129,9 +195,9 @@ def test_a_nan_loss_gives_a_non_finite_step_and_leaves_the_aggregator_state_alon
     model, images, targets = tiny()
     aggregator = make_aggregator("gradvac")
     before = aggregator.state_dict()
-    losses = losses_of(model, images, targets)
+    losses, out = forward(model, images, targets)
     losses["depth"] = losses["depth"] * float("nan")
-    stats = GradientCalibrator(model, aggregator, level).backward(losses)
+    stats = GradientCalibrator(model, aggregator, level).backward(losses, out.shared)
     assert not stats.finite and stats.weights == {t: 1.0 for t in TASKS}
     assert str(aggregator.state_dict()) == str(before)
     assert not all(torch.isfinite(p.grad).all() for p in model.shared_parameters() if p.grad is not None)
@@ -140,9 +206,9 @@ def test_a_nan_loss_gives_a_non_finite_step_and_leaves_the_aggregator_state_alon
 @pytest.mark.parametrize("method", ["mgda", "pcgrad", "cagrad", "imtl_g", "nash_mtl", "aligned_mtl", "upgrad", "gradvac"])
 def test_a_task_with_zero_gradient_gives_finite_weights_and_gradients(method):
     model, images, targets = tiny()
-    losses = losses_of(model, images, targets)
+    losses, out = forward(model, images, targets)
     losses["depth"] = losses["depth"] * 0.0
-    stats = GradientCalibrator(model, make_aggregator(method)).backward(losses)
+    stats = GradientCalibrator(model, make_aggregator(method)).backward(losses, out.shared)
     assert stats.finite and all(math.isfinite(w) for w in stats.weights.values())
     assert float(stats.gramian[1, 1]) == 0.0
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
@@ -152,12 +218,12 @@ def test_a_task_with_zero_gradient_gives_finite_weights_and_gradients(method):
 def test_a_single_task_is_its_plain_gradient(level):
     model, images, targets = tiny()
     out = model(images)
-    model.tasks["depth"].loss(out["depth"], targets["depth"]).backward()
+    model.tasks["depth"].loss(out.predictions["depth"], targets["depth"]).backward()
     want = grads(model)
     model.zero_grad(set_to_none=True)
     out = model(images)
-    loss = model.tasks["depth"].loss(out["depth"], targets["depth"])
-    stats = GradientCalibrator(model, make_aggregator("mgda"), level).backward({"depth": loss})
+    loss = model.tasks["depth"].loss(out.predictions["depth"], targets["depth"])
+    stats = GradientCalibrator(model, make_aggregator("mgda"), level).backward({"depth": loss}, out.shared, out.branches)
     assert stats.weights == {"depth": 1.0}
     got = grads(model)
     if level == "fuller":  # one active branch per scale; each rescaled to the mean norm: check the heads only
@@ -170,10 +236,10 @@ def test_a_single_task_is_its_plain_gradient(level):
 
 def test_loss_scale_scales_the_gradients_but_not_the_weights_or_the_gramian():
     model, images, targets = tiny()
-    plain = GradientCalibrator(model, make_aggregator("mgda")).backward(losses_of(model, images, targets))
+    plain = calibrate(GradientCalibrator(model, make_aggregator("mgda")), model, images, targets)
     want = grads(model)
     model.zero_grad(set_to_none=True)
-    scaled = GradientCalibrator(model, make_aggregator("mgda")).backward(losses_of(model, images, targets), loss_scale=1024.0)
+    scaled = calibrate(GradientCalibrator(model, make_aggregator("mgda")), model, images, targets, loss_scale=1024.0)
     assert scaled.weights == pytest.approx(plain.weights, rel=1e-9)
     torch.testing.assert_close(scaled.gramian, plain.gramian, rtol=1e-9, atol=0)
     for name, g in grads(model).items():
@@ -182,8 +248,8 @@ def test_loss_scale_scales_the_gradients_but_not_the_weights_or_the_gramian():
 
 def test_fuller_equalises_the_gradient_norms_entering_each_backbone_scale():
     model, images, targets = tiny()
-    losses = losses_of(model, images, targets)
-    reps, branches = model.shared_representation(), model.branch_representation()
+    losses, out = forward(model, images, targets)
+    reps, branches = out.shared, out.branches
     d = sum(torch.autograd.grad(losses[t], reps, retain_graph=True)[0] for t in TASKS)  # EW
     raw = torch.autograd.grad(reps, branches, grad_outputs=[d], retain_graph=True, allow_unused=True)
     raw = [torch.zeros_like(b) if g is None else g for b, g in zip(branches, raw)]
@@ -197,7 +263,7 @@ def test_fuller_equalises_the_gradient_norms_entering_each_backbone_scale():
     assert (norms > 0).sum() >= 2 and float(norms.max() / norms[norms > 0].min()) > 1.5  # the test has teeth
 
     model.zero_grad(set_to_none=True)
-    GradientCalibrator(model, make_aggregator("ew"), "fuller").backward(losses)
+    GradientCalibrator(model, make_aggregator("ew"), "fuller").backward(losses, reps, branches)
     for p, want in zip(backbone, want_backbone):
         torch.testing.assert_close(p.grad, want, rtol=1e-5, atol=1e-8)
     for p, want in zip(neck, want_neck):
@@ -209,11 +275,11 @@ def test_graddrop_with_full_leak_is_the_summed_gradient_and_without_leak_differs
     model, images, targets = tiny()
     want = summed_loss_grads(model, images, targets)
     model.zero_grad(set_to_none=True)
-    make_calibrator(model, "graddrop", level, leak=1.0).backward(losses_of(model, images, targets))
+    calibrate(make_calibrator(model, "graddrop", level, leak=1.0), model, images, targets)
     for name, g in grads(model).items():
         torch.testing.assert_close(g, want[name], rtol=1e-5, atol=1e-7)
     model.zero_grad(set_to_none=True)
-    make_calibrator(model, "graddrop", level).backward(losses_of(model, images, targets))
+    calibrate(make_calibrator(model, "graddrop", level), model, images, targets)
     shared_names = [n for n, _ in model.named_parameters() if n.startswith("decoder.backbone")]
     assert any(not torch.allclose(grads(model)[n], want[n]) for n in shared_names)
 

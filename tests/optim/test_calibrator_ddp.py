@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mtvision.engine.objective import average_gradients
 from mtvision.models.registry import create_model
-from mtvision.optim.calibrator import make_calibrator
+from mtvision.optim.factory import make_calibrator
+from mtvision.optim.gradients import average_gradients
 from tests.gloo import run_on_ranks
 
 TASKS = {"semseg": 3, "depth": None, "normals": None}
@@ -45,9 +45,9 @@ def _gradients(rows: slice) -> dict[str, torch.Tensor]:
     for method, level in CASES:
         model.zero_grad(set_to_none=True)
         pred = model(images[rows])
-        losses = {t: model.tasks[t].loss(pred[t], targets[t][rows]) for t in TASKS}
+        losses = {t: model.tasks[t].loss(pred.predictions[t], targets[t][rows]) for t in TASKS}
         calibrator = make_calibrator(model, method, level)
-        calibrator.backward(losses)
+        calibrator.backward(losses, pred.shared, pred.branches)
         done = {id(p) for p in calibrator.synced_parameters}
         average_gradients([p for p in model.parameters() if id(p) not in done])
         for name, p in model.named_parameters():

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from mtvision.optim.aggregators import make_aggregator, min_norm_weights
-from mtvision.optim.calibrator import CalibrationError, make_calibrator
+from mtvision.optim.calibrator import CalibrationError
+from mtvision.optim.factory import make_calibrator
 from mtvision.optim.sam import SharpnessAwareCalibrator
 from tests.optim.test_calibrator import TASKS, losses_of, tiny
 
@@ -17,7 +18,7 @@ RHO = 0.05
 
 def recompute_for(model, images, targets):
     def recompute(task: str) -> torch.Tensor:
-        out = model(images, tasks=[task])
+        out = model(images, tasks=[task]).predictions
         return model.tasks[task].loss(out[task], targets[task])
 
     return recompute
@@ -40,7 +41,7 @@ def per_task_sam(model, images, targets):
                 k = params[n].numel()
                 params[n].add_((RHO / g.norm()) * g[offset : offset + k].view_as(params[n]))
                 offset += k
-        out_t = work(images, tasks=[t])
+        out_t = work(images, tasks=[t]).predictions
         s = torch.autograd.grad(work.tasks[t].loss(out_t[t], targets[t]), [params[n] for n in names], allow_unused=True)
         s = torch.cat([(torch.zeros_like(params[n]) if x is None else x).reshape(-1) for n, x in zip(names, s)])
         out[t] = (names, g, s)

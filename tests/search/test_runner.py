@@ -64,8 +64,8 @@ def test_bmtas_search_writes_everything_and_the_training_config_trains(tmp_path,
     assert "branching spec" in capsys.readouterr().out
 
     cfg = load_config(ExperimentConfig, out / "train_config.yaml", ["train.iterations=1", "train.eval_interval=1"])
-    assert cfg.model["decoder"] == "branched"
-    assert BranchingSpec.from_dict(cfg.model["decoder_options"]["spec"]) == spec
+    assert cfg.model.decoder == "branched"
+    assert BranchingSpec.from_dict(cfg.model.decoder_options["spec"]) == spec
     trained = train(cfg, device="cpu")
     assert trained.step == 1 and (out / "train" / "model" / "config.json").is_file()
 
@@ -120,7 +120,7 @@ def test_shipped_search_configs_validate_and_give_training_configs(name):
     cfg.validate()
     exp = cfg.experiment(BranchingSpec.separate(cfg.data.tasks, 4).to_dict())
     exp.validate()
-    assert exp.model["decoder"] == "branched" and exp.data.tasks == cfg.data.tasks
+    assert exp.model.decoder == "branched" and exp.data.tasks == cfg.data.tasks
     if cfg.data.dataset != "synthetic":
         assert cfg.data.holdout_fraction > 0 and exp.data.holdout_fraction > 0
         assert cfg.model["backbone"]["weights"]

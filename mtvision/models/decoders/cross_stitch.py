@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from mtvision.models.decoders.base import BackboneFactory, MultiTaskDecoder
+from mtvision.models.decoders.base import BackboneFactory, ModelOutput, MultiTaskDecoder, model_output
 from mtvision.models.heads import MultiScaleNeck, TaskHead
 from mtvision.tasks import Task
 
@@ -54,7 +54,7 @@ class CrossStitchDecoder(MultiTaskDecoder):
 
     Shared representation: none.  No single tensor carries every task's loss without also feeding
     another path (each level's mixed features feed both the next stage and a task neck), so
-    `shared_representation()` is empty and gradient calibration must work on parameters.  Shared
+    the output's `shared` is empty and gradient calibration must work on parameters.  Shared
     parameters are all columns and cross-stitch units (every task's loss reaches them through the
     mixing); task parameters are the task's neck and head.  `forward(images, [t])` still runs all
     columns (the mixing needs them) but only task t's row of the last unit, neck and head.
@@ -88,7 +88,7 @@ class CrossStitchDecoder(MultiTaskDecoder):
         )
         self.output_stride = min(first.strides)
 
-    def forward(self, images: Tensor, tasks: Sequence[str]) -> dict[str, Tensor]:
+    def forward(self, images: Tensor, tasks: Sequence[str]) -> ModelOutput:
         size = (int(images.shape[-2]), int(images.shape[-1]))
         cols = list(self.columns)
         channel_dim = cols[0].state_channel_dim
@@ -105,10 +105,7 @@ class CrossStitchDecoder(MultiTaskDecoder):
                 mixed = stitch(states, channel_dim, rows=wanted)
             for t, m in zip(tasks, mixed):
                 features[t].append(cols[0].stage_feature(m, size))
-        return {t: self.heads[t](self.necks[t](features[t])) for t in tasks}
-
-    def shared_representation(self) -> list[Tensor]:
-        return []
+        return model_output({t: self.heads[t](self.necks[t](features[t])) for t in tasks})
 
     def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
         yield from self.necks[task].parameters()

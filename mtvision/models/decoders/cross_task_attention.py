@@ -6,7 +6,7 @@ Pipeline (defaults are the paper's / official release's):
 1. The coarsest backbone feature is resized to the first decoder stage (stride `input_stride`, 32:
    the release interpolates ViT's 1/16 map down to 1/32).  Per task, a *preliminary decoder* (two
    3x3 conv-BN-ReLU blocks) gives task features F_t, and a 1x1 conv gives a preliminary prediction
-   P_t (deep supervision, `outputs['aux'][t]` in training mode).  [F_t, P_t] is re-embedded by a
+   P_t (deep supervision, `deep_supervision[t]` of the output in training mode).  [F_t, P_t] is re-embedded by a
    1x1 conv to the stage-0 token width (task_channels + prediction_channels).
 2. `num_stages` UP-Transformer stages; stage k runs at stride input_stride / 2^k with width
    dim_0 / 2^k ("inverted pyramid").  Stage k >= 1 first up-embeds every task's map (bilinear x2,
@@ -44,7 +44,7 @@ from timm.layers import DropPath, trunc_normal_
 from torch import Tensor, nn
 
 from mtvision.errors import MTVisionError
-from mtvision.models.decoders.base import BackboneFactory, MultiTaskDecoder
+from mtvision.models.decoders.base import BackboneFactory, ModelOutput, MultiTaskDecoder, graph_boundary, model_output
 from mtvision.models.heads import ConvBNReLU, make_norm, resize_to
 from mtvision.tasks import Task
 
@@ -329,7 +329,6 @@ class CrossTaskAttentionDecoder(MultiTaskDecoder):
         self.final = nn.ModuleDict({t: ConvBNReLU(dim0, dim0, norm=norm) for t in names})
         self.heads = nn.ModuleDict({t: nn.Conv2d(dim0, s.out_channels, 1) for t, s in tasks.items()})
         self.message_passing = message_passing
-        self._shared: list[Tensor] = []
         self._init_weights()
 
     @staticmethod
@@ -346,13 +345,14 @@ class CrossTaskAttentionDecoder(MultiTaskDecoder):
                     nn.init.zeros_(m.bias)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, images: Tensor, tasks: Sequence[str]) -> dict[str, Tensor]:
+    def forward(self, images: Tensor, tasks: Sequence[str]) -> ModelOutput:
         size = tuple(images.shape[-2:])
         padded = pad_to_multiple(images, self.size_divisor)
         psize = tuple(padded.shape[-2:])
-        feats = self.backbone(padded)
+        feats = list(self.backbone(padded))
         used = sorted({self.input_level, *[lv for lv in self.skip_levels if lv is not None]})
-        self._shared = [feats[i] for i in used]
+        for i, f in zip(used, graph_boundary([feats[i] for i in used])):
+            feats[i] = f
 
         x = resize_to(feats[self.input_level], _grid(psize, self.stage_strides[0]))
         aux, maps = {}, {}
@@ -376,14 +376,11 @@ class CrossTaskAttentionDecoder(MultiTaskDecoder):
                 r = resize_to(self.readout[k][t](r), out_size)
                 fused[t] = r if k == 0 else fused[t] + r
 
-        out: dict[str, Tensor] = {t: crop_to(self.heads[t](self.final[t](fused[t])), psize, size) for t in tasks}
-        if self.training:
-            out["aux"] = {t: crop_to(p, psize, size) for t, p in aux.items()}
-        return out
+        out = {t: crop_to(self.heads[t](self.final[t](fused[t])), psize, size) for t in tasks}
+        deep = {t: [crop_to(p, psize, size)] for t, p in aux.items()} if self.training else {}
+        return model_output(out, deep_supervision=deep, shared=[feats[i] for i in used])
 
     # ------------------------------------------------------------------ contract
-    def shared_representation(self) -> list[Tensor]:
-        return list(self._shared)
 
     def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
         for k in range(self.num_stages):

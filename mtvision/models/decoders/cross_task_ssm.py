@@ -10,7 +10,7 @@ the tasks being computed:
     task's own feature is the scanned input u of a cross SSM whose Δ, B and C come from the shared
     map, with a residual.
 A per-task head (conv-norm-ReLU + 1x1, as MTMamba++) predicts from the last stage.  In training mode,
-per-task 1x1 predictions from every earlier stage come back as deep supervision in `out['aux']`.
+per-task 1x1 predictions from every earlier stage come back as the output's deep supervision.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 
 from mtvision.errors import MTVisionError
-from mtvision.models.decoders.base import BackboneFactory, MultiTaskDecoder
+from mtvision.models.decoders.base import BackboneFactory, ModelOutput, MultiTaskDecoder, graph_boundary, model_output
 from mtvision.models.heads import TaskHead, resize_to
 from mtvision.models.ssm.ss2d import SS2D
 from mtvision.tasks import Task
@@ -182,7 +182,7 @@ class CrossTaskSSMDecoder(MultiTaskDecoder):
         drop_path: stochastic depth, decaying linearly from this value at the first block to 0 (0.2).
         head_channels: hidden channels of the final task heads (96, as MTMamba++).
         norm: normalisation of the task heads, "bn" or "gn".
-        deep_supervision: return per-task predictions of the earlier stages in `out['aux']`
+        deep_supervision: return per-task predictions of the earlier stages as deep supervision
             during training (the papers' NYUD/PASCAL recipes train without it).
     """
 
@@ -266,17 +266,15 @@ class CrossTaskSSMDecoder(MultiTaskDecoder):
         self.aux_heads = nn.ModuleDict(
             {n: nn.ModuleList(nn.Linear(w, t.out_channels) for w in widths[:-1]) for n, t in tasks.items()}
         )
-        self._shared: list[Tensor] = []
 
     # ------------------------------------------------------------------ forward
-    def forward(self, images: Tensor, tasks: Sequence[str]) -> dict[str, Tensor]:
+    def forward(self, images: Tensor, tasks: Sequence[str]) -> ModelOutput:
         height, width = images.shape[-2:]
         pad_h, pad_w = (-height) % self.stride, (-width) % self.stride
         if pad_h or pad_w:
             images = F.pad(images, (0, pad_w, 0, pad_h))
         feats = self.backbone(images)
-        used = [feats[i] for i in self.levels]
-        self._shared = used
+        used = graph_boundary([feats[i] for i in self.levels])
         maps = [f.permute(0, 2, 3, 1) for f in used]  # channels-last
         x = {t: maps[-1] for t in tasks}
         aux: dict[str, list[Tensor]] = {t: [] for t in tasks}
@@ -294,19 +292,15 @@ class CrossTaskSSMDecoder(MultiTaskDecoder):
                 for t in tasks:
                     aux[t].append(self.aux_heads[t][i](x[t]).permute(0, 3, 1, 2))
         out = {t: self.heads[t](x[t].permute(0, 3, 1, 2)) for t in tasks}
-        if self.training and self.deep_supervision and stages > 1:
-            out["aux"] = aux
+        deep = aux if self.training and self.deep_supervision and stages > 1 else {}
         if pad_h or pad_w:
             padded = images.shape[-2:]
             crop = lambda y: resize_to(y, padded)[..., :height, :width]  # noqa: E731
-            out = {
-                k: ({t: [crop(p) for p in v] for t, v in o.items()} if k == "aux" else crop(o)) for k, o in out.items()
-            }
-        return out
+            out = {t: crop(o) for t, o in out.items()}
+            deep = {t: [crop(p) for p in v] for t, v in deep.items()}
+        return model_output(out, deep_supervision=deep, shared=used)
 
     # ------------------------------------------------------------------ contract
-    def shared_representation(self) -> list[Tensor]:
-        return list(self._shared)
 
     def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
         """Head and aux heads of `task`, plus everything after the last cross-task block that only

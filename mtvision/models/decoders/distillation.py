@@ -4,7 +4,7 @@ MTI-Net-style multi-scale option (Vandenhende et al., ECCV 2020).
 
 Single scale (PAD-Net): the backbone levels are fused by the FPN neck into the shared map; per task,
 two 3x3 conv-BN-ReLU give the intermediate feature F_t and a 1x1 conv the intermediate prediction
-(deep supervision, `outputs['aux'][t]` in training).  Attention-guided message passing (the paper's
+(deep supervision, the output's `deep_supervision[t]` in training).  Attention-guided message passing (the paper's
 distillation variant C) refines every task's feature with messages from the other tasks:
 
     F_t^o = F_t + sum_{s != t} G_t * (W_s F_s),     G_t = sigmoid(W_g^t F_t)
@@ -28,7 +28,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from mtvision.models.decoders.base import BackboneFactory, MultiTaskDecoder
+from mtvision.models.decoders.base import BackboneFactory, ModelOutput, MultiTaskDecoder, graph_boundary, model_output
 from mtvision.models.decoders.cross_task_attention import check_strides, crop_to, pad_to_multiple
 from mtvision.models.heads import ConvBNReLU, MultiScaleNeck, TaskHead, make_norm, resize_to
 from mtvision.tasks import Task
@@ -82,7 +82,7 @@ class DistillationDecoder(MultiTaskDecoder):
     """PAD-Net (default) or MTI-Net-style multi-scale (`multi_scale=True`) distillation decoder; see
     the module docstring for the computation.
 
-    Shared representation: single scale, the fused neck map (branch representation: the backbone
+    Shared representation: single scale, the fused neck map (branch points: the backbone
     levels feeding the neck); multi-scale, the backbone levels.  Every
     task's loss flows through it; the distillation's message convs (W_s) come after it and are
     shared, so feature-level gradient calibration does not reach them: use the 'params' level.
@@ -132,27 +132,23 @@ class DistillationDecoder(MultiTaskDecoder):
             self.neck = MultiScaleNeck(channels, strides, neck_channels, norm=norm)
             self.scales = nn.ModuleList([_ScaleBranch(tasks, neck_channels, task_channels, norm)])
         self.heads = nn.ModuleDict({t: TaskHead(task_channels, s.out_channels, head_channels, norm=norm) for t, s in tasks.items()})
-        self._shared: list[Tensor] = []
-        self._branches: list[Tensor] = []
 
-    def forward(self, images: Tensor, tasks: Sequence[str]) -> dict[str, Tensor]:
+    def forward(self, images: Tensor, tasks: Sequence[str]) -> ModelOutput:
         size = tuple(images.shape[-2:])
         padded = pad_to_multiple(images, self.size_divisor)
         psize = tuple(padded.shape[-2:])
-        feats = self.backbone(padded)
+        feats = graph_boundary(self.backbone(padded))
         if self.neck is not None:
-            shared = self.neck(feats)
-            self._shared, self._branches = [shared], list(feats)
-            _, aux, distilled = self.scales[0](shared, tasks)
-            final = distilled
-            aux_out = {t: crop_to(a, psize, size) for t, a in aux.items()}
+            branches = feats
+            shared = graph_boundary([self.neck(feats)])
+            _, aux, final = self.scales[0](shared[0], tasks)
+            aux_out = {t: [crop_to(a, psize, size)] for t, a in aux.items()}
         else:
-            self._shared = list(feats)
+            branches, shared = [], feats
             final, aux_out = self._multi_scale(feats, tasks, psize, size)
-        out: dict[str, Tensor] = {t: crop_to(self.heads[t](final[t]), psize, size) for t in tasks}
-        if self.training:
-            out["aux"] = aux_out
-        return out
+        out = {t: crop_to(self.heads[t](final[t]), psize, size) for t in tasks}
+        deep = aux_out if self.training else {}
+        return model_output(out, deep_supervision=deep, shared=shared, branches=branches)
 
     def _multi_scale(self, feats: list[Tensor], tasks: Sequence[str], psize, size):
         per_scale: list[dict[str, Tensor]] = [{} for _ in feats]
@@ -169,13 +165,6 @@ class DistillationDecoder(MultiTaskDecoder):
         finest = feats[0].shape[-2:]
         final = {t: self.aggregate[t](torch.cat([resize_to(s[t], finest) for s in per_scale], 1)) for t in tasks}
         return final, (aux_out if self.training else {})
-
-    def shared_representation(self) -> list[Tensor]:
-        return list(self._shared)
-
-    def branch_representation(self) -> list[Tensor]:
-        """Single scale: the backbone levels feeding the neck (empty for multi-scale)."""
-        return list(self._branches)
 
     def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
         for branch in self.scales:

@@ -6,7 +6,7 @@ from collections.abc import Iterator, Sequence
 
 from torch import Tensor, nn
 
-from mtvision.models.decoders.base import BackboneFactory, MultiTaskDecoder
+from mtvision.models.decoders.base import BackboneFactory, ModelOutput, MultiTaskDecoder, graph_boundary, model_output
 from mtvision.models.heads import MultiScaleNeck, TaskHead
 from mtvision.tasks import Task
 
@@ -15,8 +15,9 @@ class HPSDecoder(MultiTaskDecoder):
     """Shared backbone + FPN neck, per-task heads (the standard multi-task baseline; with one task,
     the single-task baseline).
 
-    Shared representation: the fused neck map of the last forward, the single tensor every task's
-    head reads; branch representation: the per-scale backbone features.  `forward(images, [t])` runs the backbone, the neck and head t only.
+    Shared representation: the fused neck map, the single tensor every task's head reads; branch
+    points: the per-scale backbone features.  `forward(images, [t])` runs the backbone, the neck
+    and head t only.
 
     Options:
         neck_channels: channels of the fused neck map.
@@ -39,21 +40,11 @@ class HPSDecoder(MultiTaskDecoder):
             {n: TaskHead(neck_channels, t.out_channels, head_channels, norm=norm) for n, t in tasks.items()}
         )
         self.output_stride = self.neck.stride
-        self._shared: list[Tensor] = []
-        self._branches: list[Tensor] = []
 
-    def forward(self, images: Tensor, tasks: Sequence[str]) -> dict[str, Tensor]:
-        features = self.backbone(images)
-        shared = self.neck(features)
-        self._shared, self._branches = [shared], list(features)
-        return {t: self.heads[t](shared) for t in tasks}
-
-    def shared_representation(self) -> list[Tensor]:
-        return list(self._shared)
-
-    def branch_representation(self) -> list[Tensor]:
-        """The per-scale backbone features of the last forward (the neck's inputs)."""
-        return list(self._branches)
+    def forward(self, images: Tensor, tasks: Sequence[str]) -> ModelOutput:
+        features = graph_boundary(self.backbone(images))
+        (shared,) = graph_boundary([self.neck(features)])
+        return model_output({t: self.heads[t](shared) for t in tasks}, shared=[shared], branches=features)
 
     def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
         return self.heads[task].parameters()

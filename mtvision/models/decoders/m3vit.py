@@ -6,13 +6,11 @@ from collections.abc import Iterator, Sequence
 
 from torch import Tensor, nn
 
-from mtvision.models.decoders.base import BackboneFactory, MultiTaskDecoder
+from mtvision.models.decoders.base import MOE_BALANCE, BackboneFactory, ModelOutput, MultiTaskDecoder, model_output
 from mtvision.models.decoders.cross_task_attention import crop_to, pad_to_multiple
 from mtvision.models.heads import MultiScaleNeck, TaskHead
 from mtvision.models.m3vit import M3VIT_EVERY, M3VIT_NUM_EXPERTS, M3VIT_TOP_K, M3ViTBackbone
 from mtvision.tasks import Task
-
-MOE_AUX_LOSS = "moe_aux_loss"
 
 
 class M3ViTDecoder(MultiTaskDecoder):
@@ -23,9 +21,11 @@ class M3ViTDecoder(MultiTaskDecoder):
     and its own head.  `forward(images, [t])` runs the shared blocks, task t's expert pathway, its
     neck and head only.
 
-    In training the outputs carry `"moe_aux_loss"`: the sum of every MoE layer's balancing loss
-    w·(cv²(importance) + cv²(load)) for this forward (already weighted by `balance_weight`), a
-    scalar to be added to the total loss once (it is not a task).  Expert usage: `expert_usage()`.
+    In training the output carries the regularizer `MOE_BALANCE`: the sum of every MoE layer's
+    balancing loss w·(cv²(importance) + cv²(load)) for this forward (already weighted by
+    `balance_weight`), a scalar added to the total loss once (it is not a task).  Statistics:
+    `experts/blocks.<i>/<task>`, the (token, expert) assignments per expert of each MoE block, and
+    `experts/blocks.<i>/<task>/dropped`, the assignments dropped by capacity.
 
     Shared representation: the token state entering the first MoE block (where the pathways branch).
 
@@ -85,29 +85,20 @@ class M3ViTDecoder(MultiTaskDecoder):
         )
         self.output_stride = min(strides)
 
-    def forward(self, images: Tensor, tasks: Sequence[str]) -> dict[str, Tensor]:
+    def forward(self, images: Tensor, tasks: Sequence[str]) -> ModelOutput:
         size = images.shape[-2:]
         padded = pad_to_multiple(images, self.backbone.strides[0])  # any input size: pad, then crop back
-        features = self.backbone(padded, tasks)
-        out: dict[str, Tensor] = {
-            t: crop_to(self.heads[t](self.necks[t](features[t])), padded.shape[-2:], size) for t in tasks
-        }
-        aux = self.backbone.pop_aux_loss()
-        if self.training and aux is not None:
-            out[MOE_AUX_LOSS] = aux
-        return out
-
-    def shared_representation(self) -> list[Tensor]:
-        return self.backbone.shared_representation()
+        run = self.backbone(padded, tasks)
+        out = {t: crop_to(self.heads[t](self.necks[t](run.features[t])), padded.shape[-2:], size) for t in tasks}
+        regularizers = {MOE_BALANCE: run.balance_loss} if self.training and run.balance_loss is not None else {}
+        stats: dict[str, Tensor] = {}
+        for i, s in run.stats.items():
+            for row, load in s.usage.items():
+                stats[f"experts/blocks.{i}/{row}"] = load.float()
+                stats[f"experts/blocks.{i}/{row}/dropped"] = s.dropped_by_row[row].float()
+        return model_output(out, regularizers=regularizers, shared=[run.shared], stats=stats)
 
     def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
         yield from self.necks[task].parameters()
         yield from self.heads[task].parameters()
         yield from self.backbone.task_gate_parameters(task)
-
-    def expert_usage(self) -> dict[str, dict[str, Tensor]]:
-        """Per MoE layer (`"blocks.i"`), per task, the accumulated token count of each expert."""
-        return self.backbone.expert_usage()
-
-    def reset_expert_usage(self) -> None:
-        self.backbone.reset_expert_usage()

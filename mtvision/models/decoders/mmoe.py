@@ -9,13 +9,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtvision.errors import unknown_name
-from mtvision.models.decoders.base import BackboneFactory, MultiTaskDecoder
+from mtvision.models.decoders.base import (
+    MMOE_DIVERSITY,
+    BackboneFactory,
+    ModelOutput,
+    MultiTaskDecoder,
+    graph_boundary,
+    model_output,
+)
 from mtvision.models.heads import ConvBNReLU, MultiScaleNeck, TaskHead
 from mtvision.models.moe import MoEError
 
 GATES = ("pixel", "global")
 EXCLUSIVITY_MODES = ("exclusivity", "exclusion")
-MOE_AUX_LOSS = "moe_aux_loss"
 
 
 def exclusivity_mask(
@@ -64,11 +70,11 @@ class MMoEDecoder(MultiTaskDecoder):
 
     MMoEEx: `exclusivity` = α ∈ [0, 1]: int(α·E) experts are reserved to one task each
     (`exclusivity_mode="exclusivity"`) or removed from one task each ("exclusion"), by masking the
-    other tasks' gate logits to -inf.  `diversity_weight` > 0 adds a diversity regulariser to
-    `outputs["moe_aux_loss"]` in training: the weight times the mean pairwise cosine similarity
-    of the experts' outputs (lower when experts differ).  `expert_diversity()` gives MMoEEx's
-    diversity measure of the last forward: the pairwise distance matrix of expert outputs,
-    normalised to [0, 1].
+    other tasks' gate logits to -inf.  `diversity_weight` > 0 adds the regularizer `MMOE_DIVERSITY` in training: the weight
+    times the mean pairwise cosine similarity of the experts' outputs (lower when experts differ).
+    `expert_diversity(experts)` gives MMoEEx's diversity measure: the pairwise distance matrix of
+    expert outputs, normalised to [0, 1].  Statistics: `experts/<task>`, each task's gate mass per
+    expert (summed over images, mean over pixels).
 
     Shared representation: the neck map z.  Task parameters: the task's gate and head.
     """
@@ -109,10 +115,7 @@ class MMoEDecoder(MultiTaskDecoder):
         )
         mask = exclusivity_mask(len(tasks), num_experts, exclusivity, exclusivity_mode, exclusivity_seed)
         self.register_buffer("allowed", mask)
-        self.register_buffer("usage", torch.zeros(len(tasks), num_experts, dtype=torch.float64), persistent=False)
         self.output_stride = self.neck.stride
-        self._shared: list[Tensor] = []
-        self._experts: Tensor | None = None
 
     @property
     def task_names(self) -> list[str]:
@@ -127,47 +130,41 @@ class MMoEDecoder(MultiTaskDecoder):
         allowed = self.allowed[self.task_names.index(task)].view(1, -1, 1, 1)
         return torch.softmax(logits.float().masked_fill(~allowed, float("-inf")), dim=1).to(shared.dtype)
 
-    def forward(self, images: Tensor, tasks: Sequence[str]) -> dict[str, Tensor]:
-        shared = self.neck(self.backbone(images))
-        self._shared = [shared]
+    def expert_outputs(self, shared: Tensor) -> Tensor:
+        """The experts on the neck map: N x E x expert_channels x H x W."""
         n, _, h, w = shared.shape
-        experts = self.experts(shared).view(n, self.num_experts, self.expert_channels, h, w)
-        self._experts = experts.detach()
+        return self.experts(shared).view(n, self.num_experts, self.expert_channels, h, w)
+
+    def forward(self, images: Tensor, tasks: Sequence[str]) -> ModelOutput:
+        (shared,) = graph_boundary([self.neck(self.backbone(images))])
+        h, w = shared.shape[-2:]
+        experts = self.expert_outputs(shared)
         out: dict[str, Tensor] = {}
+        stats: dict[str, Tensor] = {}
         for t in tasks:
             g = self.gate_weights(shared, t)
             mixed = torch.einsum("nehw,nechw->nchw", g.expand(-1, -1, h, w), experts)
             out[t] = self.heads[t](mixed)
-            with torch.no_grad():
-                self.usage[self.task_names.index(t)] += g.double().mean(dim=(2, 3)).sum(0)
+            stats[f"experts/{t}"] = g.detach().float().mean(dim=(2, 3)).sum(0)
+        regularizers = {}
         if self.training and self.diversity_weight > 0 and self.num_experts > 1:
-            out[MOE_AUX_LOSS] = self.diversity_weight * mean_pairwise_cosine(experts)
-        return out
-
-    def shared_representation(self) -> list[Tensor]:
-        return list(self._shared)
+            regularizers[MMOE_DIVERSITY] = self.diversity_weight * mean_pairwise_cosine(experts)
+        return model_output(out, regularizers=regularizers, shared=[shared], stats=stats)
 
     def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
         yield from self.gates[task].parameters()
         yield from self.heads[task].parameters()
 
-    def expert_usage(self) -> dict[str, Tensor]:
-        """Per task, the accumulated gate weight of each expert (summed over images, mean over pixels)."""
-        return {t: self.usage[i].clone() for i, t in enumerate(self.task_names)}
 
-    def reset_expert_usage(self) -> None:
-        self.usage.zero_()
-
-    def expert_diversity(self) -> Tensor:
-        """MMoEEx's diversity matrix of the last forward: E x E distances between expert outputs
-        (root mean squared difference over the batch), divided by the largest; its mean is the
-        diversity score."""
-        if self._experts is None:
-            raise MoEError("expert_diversity() needs a forward pass first")
-        flat = self._experts.float().transpose(0, 1).reshape(self.num_experts, -1)
-        dist = torch.cdist(flat, flat) / flat.shape[1] ** 0.5
-        top = dist.max()
-        return dist / top if top > 0 else dist
+def expert_diversity(experts: Tensor) -> Tensor:
+    """MMoEEx's diversity matrix of expert outputs (N x E x C x H x W): E x E distances between them
+    (root mean squared difference over the batch), divided by the largest; its mean is the
+    diversity score."""
+    num_experts = experts.shape[1]
+    flat = experts.detach().float().transpose(0, 1).reshape(num_experts, -1)
+    dist = torch.cdist(flat, flat) / flat.shape[1] ** 0.5
+    top = dist.max()
+    return dist / top if top > 0 else dist
 
 
 def mean_pairwise_cosine(experts: Tensor) -> Tensor:

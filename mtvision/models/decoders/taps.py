@@ -9,12 +9,10 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from mtvision.models.decoders.base import BackboneFactory, MultiTaskDecoder
+from mtvision.models.decoders.base import TAPS_SPARSITY, BackboneFactory, ModelOutput, MultiTaskDecoder, model_output
 from mtvision.models.heads import MultiScaleNeck, TaskHead
 from mtvision.search import taps
 from mtvision.tasks import Task
-
-PENALTY_KEY = "moe_aux_loss"  # the trainer adds this model-level regulariser outside the task weighting
 
 
 class TAPSTaskNetwork(nn.Module):
@@ -34,9 +32,10 @@ class TAPSDecoder(MultiTaskDecoder):
     Every Conv2d / Linear of the backbone runs W + I(s_{t,l} ≥ τ)·ΔW_{t,l} for task t (straight-through
     gate, ΔW zero-initialised); each task has its own FPN neck and head (its features differ).
     `forward(images, tasks)` runs the backbone once per requested task, so a single task costs one
-    pass.  In training the outputs carry `"moe_aux_loss"`: the sparsity penalty
+    pass.  In training the output carries the regularizer `TAPS_SPARSITY`: the sparsity penalty
     λ Σ_t (1/L) Σ_l |s_{t,l}| over the requested tasks, which the trainer adds outside the task
-    weighting.  `adapted_layers()` reports the layers each task adapted.
+    weighting.  `adapted_layers()` reports the layers each task adapted, `state_scalars()` their
+    statistics.
 
     Shared representation: none, since no tensor is shared by all tasks (every task runs its own
     backbone pass); feature-level calibration needs `level: params`.  Task parameters: t's deltas
@@ -98,8 +97,9 @@ class TAPSDecoder(MultiTaskDecoder):
         with taps.active_task(self.backbone, task):
             return self.backbone(images)
 
-    def forward(self, images: Tensor, tasks: Sequence[str]) -> dict[str, Tensor]:
+    def forward(self, images: Tensor, tasks: Sequence[str]) -> ModelOutput:
         out: dict[str, Tensor] = {}
+        regularizers: dict[str, Tensor] = {}
         for t in tasks:
             if t not in self.tasks:
                 raise KeyError(f"unknown task {t!r} (model tasks: {', '.join(self.tasks)})")
@@ -108,8 +108,8 @@ class TAPSDecoder(MultiTaskDecoder):
             self.training_forwards += 1
             warm = self.penalty_warmup == 0 or int(self.training_forwards) > self.penalty_warmup  # (a sync only then)
             if self.sparsity > 0 and warm:
-                out[PENALTY_KEY] = self.sparsity_penalty(tasks)
-        return out
+                regularizers[TAPS_SPARSITY] = self.sparsity_penalty(tasks)
+        return model_output(out, regularizers=regularizers)
 
     def sparsity_penalty(self, tasks: Sequence[str] | None = None) -> Tensor:
         """λ Σ_t Σ_l c_l |s_{t,l}| over `tasks` (all by default)."""
@@ -119,7 +119,7 @@ class TAPSDecoder(MultiTaskDecoder):
         """Per task, the backbone layers whose gate is open (the layers it adapted)."""
         return taps.adapted_layers(self.backbone, list(self.tasks))
 
-    def training_scalars(self) -> dict[str, float]:
+    def state_scalars(self) -> dict[str, float]:
         """Adaptation statistics for the loggers: `taps/<task>/{open_layers, open_fraction,
         param_fraction, mean_score}` (param_fraction: the task-specific share of the backbone's
         adaptable weights)."""
@@ -133,9 +133,6 @@ class TAPSDecoder(MultiTaskDecoder):
         return TAPSTaskNetwork(
             taps.merge_task(self.backbone, task), copy.deepcopy(self.necks[task]), copy.deepcopy(self.heads[task])
         )
-
-    def shared_representation(self) -> list[Tensor]:
-        return []
 
     def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
         if task not in self.tasks:

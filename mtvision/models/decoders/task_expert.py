@@ -16,24 +16,30 @@ Optional balancing loss (not in the paper; `balance_weight` > 0): in training,
     aux = balance_weight · Σ_l Σ_t cv²(I_t^l),    I_{t,e}^l = mean over images and pixels of g_{t,e}^l
 
 over the E experts only (the memory slot is left out: it is the task's own carried feature, not
-an expert to balance), returned as `outputs["moe_aux_loss"]`.
+an expert to balance), returned as the regularizer `MOE_BALANCE`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtvision.models.decoders.base import BackboneFactory, MultiTaskDecoder
+from mtvision.models.decoders.base import (
+    MOE_BALANCE,
+    BackboneFactory,
+    ModelOutput,
+    MultiTaskDecoder,
+    graph_boundary,
+    model_output,
+)
 from mtvision.models.decoders.cross_task_attention import DecoderStrideError, check_strides, crop_to, pad_to_multiple
 from mtvision.models.heads import TaskHead, make_norm, resize_to
 from mtvision.models.moe import MoEError, cv_squared
 from mtvision.tasks import Task
-
-MOE_AUX_LOSS = "moe_aux_loss"  # the trainer adds it to the total loss, outside the task weighting
 
 
 def to_grid(x: Tensor, size: Sequence[int]) -> Tensor:
@@ -43,6 +49,16 @@ def to_grid(x: Tensor, size: Sequence[int]) -> Tensor:
     if x.shape[-2] >= size[0] and x.shape[-1] >= size[1]:
         return F.interpolate(x, size=tuple(size), mode="area")
     return resize_to(x, size)
+
+
+class MemorialPass(NamedTuple):
+    """What one pass of the memorial MoE layers computed: per layer, the assembled features F_t^l
+    and the gate weights g_t^l of each task; the last memories M_t^{L-1}; the balancing terms."""
+
+    features: list[dict[str, Tensor]]
+    gates: list[dict[str, Tensor]]
+    memory: dict[str, Tensor]
+    balance: list[Tensor]
 
 
 class ExpertBank(nn.Module):
@@ -78,7 +94,7 @@ class TaskExpertDecoder(MultiTaskDecoder):
 
     Balancing (ours, not in the paper): `balance_weight` > 0 adds, in training, the importance loss
     of Shazeer et al. (ICLR 2017) for every layer and task, summed (as M3ViT sums its MoE layers),
-    as `outputs["moe_aux_loss"]` (absent when the weight is 0, in eval, or with one expert).  The
+    as the regularizer `MOE_BALANCE` (absent when the weight is 0, in eval, or with one expert).  The
     importance of expert e is its gate weight averaged over images and pixels; the memory slot is
     excluded.  The loss recomputes the gates on detached inputs, so its gradient reaches only the
     gate convolutions: it changes the routing, not the features the gates read.
@@ -95,7 +111,10 @@ class TaskExpertDecoder(MultiTaskDecoder):
         norm: "bn" (the paper's experts are linear-BN-ReLU) or "gn".
         balance_weight: weight of the balancing loss above (0: none, as in the paper).
 
-    Shared representation: the backbone feature maps of the last forward (every task's gates and
+    Statistics: `experts/layer<l>/<task>`, the gate mass of each expert (summed over images, mean
+    over pixels); from layer 1 on the last entry is the memory.
+
+    Shared representation: the backbone feature maps (every task's gates and
     experts read every level).  The expert banks after them are shared parameters that no single
     tensor separates from the task parts: calibrate at the 'params' level to reach them.
     Task parameters: task t's gates and memory writes at every layer, and its head.
@@ -156,11 +175,6 @@ class TaskExpertDecoder(MultiTaskDecoder):
         self.heads = nn.ModuleDict(
             {t: TaskHead(channels, s.out_channels, head_channels, norm=norm) for t, s in tasks.items()}
         )
-        shape = (self.num_layers, len(tasks), num_experts + 1)
-        self.register_buffer("usage", torch.zeros(shape, dtype=torch.float64), persistent=False)
-        self._shared: list[Tensor] = []
-        self._aux: list[Tensor] = []
-        self.last_features: list[dict[str, Tensor]] = []
 
     # ------------------------------------------------------------------ one layer
     def gate_inputs(self, layer: int, x: Tensor, memory: Tensor | None) -> Tensor:
@@ -188,64 +202,57 @@ class TaskExpertDecoder(MultiTaskDecoder):
 
     def assemble(
         self, layer: int, x: Tensor, memory: dict[str, Tensor], tasks: Sequence[str]
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """One memorial MoE layer on the gridded backbone feature `x`: the assembled task features F_t
-        and the updated memories M_t of `tasks` (`memory` holds M_t of the previous layer)."""
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor], list[Tensor]]:
+        """One memorial MoE layer on the gridded backbone feature `x`: the assembled task features F_t,
+        the updated memories M_t, the gate weights of `tasks` (`memory` holds M_t of the previous
+        layer) and the layer's balancing terms (empty unless `balancing()`)."""
         experts = self.experts[layer](x)
         e = self.num_experts
-        features, written = {}, {}
+        features, written, gates, balance = {}, {}, {}, []
         for t in tasks:
             g = self.gate_weights(layer, t, x, memory.get(t))
             if self.balancing():
-                self._aux.append(self.balance_loss(layer, t, x, memory.get(t)))
+                balance.append(self.balance_loss(layer, t, x, memory.get(t)))
             f = (g[:, :e].unsqueeze(2) * experts).sum(1)  # faster than einsum on CPU
             if layer:
                 f = f + g[:, e:] * memory[t]
-            features[t] = f
+            features[t], gates[t] = f, g
             update = self.writes[layer][t](f)
             written[t] = update if layer == 0 else memory[t] + update
-            with torch.no_grad():
-                self.usage[layer, self.task_names.index(t), : g.shape[1]] += g.double().mean(dim=(2, 3)).sum(0)
-        return features, written
+        return features, written, gates, balance
+
+    def memorial_pass(self, feats: Sequence[Tensor], grid: Sequence[int], tasks: Sequence[str]) -> MemorialPass:
+        """Every memorial MoE layer on the backbone features `feats`, brought to `grid`."""
+        memory: dict[str, Tensor] = {}
+        features, gates, balance = [], [], []
+        for layer, feat in enumerate(feats):
+            f, memory, g, b = self.assemble(layer, to_grid(feat, grid), memory, tasks)
+            features.append(f)
+            gates.append(g)
+            balance += b
+        return MemorialPass(features, gates, memory, balance)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, images: Tensor, tasks: Sequence[str]) -> dict[str, Tensor]:
+    def forward(self, images: Tensor, tasks: Sequence[str]) -> ModelOutput:
         size = tuple(images.shape[-2:])
         padded = pad_to_multiple(images, self.size_divisor)
         psize = tuple(padded.shape[-2:])
-        feats = self.backbone(padded)
-        self._shared = list(feats)
+        feats = graph_boundary(self.backbone(padded))
         grid = (psize[0] // self.feature_stride, psize[1] // self.feature_stride)
-        memory: dict[str, Tensor] = {}
-        self.last_features, self._aux = [], []
-        for layer, feat in enumerate(feats):
-            features, memory = self.assemble(layer, to_grid(feat, grid), memory, tasks)
-            self.last_features.append({t: f.detach() for t, f in features.items()})
+        run = self.memorial_pass(feats, grid, tasks)
         head_grid = (psize[0] // self.output_stride, psize[1] // self.output_stride)
-        out = {t: crop_to(self.heads[t](resize_to(memory[t], head_grid)), psize, size) for t in tasks}
-        if self._aux:
-            out[MOE_AUX_LOSS] = torch.stack(self._aux).sum()
-            self._aux = []
-        return out
+        out = {t: crop_to(self.heads[t](resize_to(run.memory[t], head_grid)), psize, size) for t in tasks}
+        regularizers = {MOE_BALANCE: torch.stack(run.balance).sum()} if run.balance else {}
+        stats = {
+            f"experts/layer{layer}/{t}": g.detach().float().mean(dim=(2, 3)).sum(0)
+            for layer, per_task in enumerate(run.gates)
+            for t, g in per_task.items()
+        }
+        return model_output(out, regularizers=regularizers, shared=feats, stats=stats)
 
     # ------------------------------------------------------------------ contract
-    def shared_representation(self) -> list[Tensor]:
-        return list(self._shared)
-
     def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
         for layer in range(self.num_layers):
             yield from self.gates[layer][task].parameters()
             yield from self.writes[layer][task].parameters()
         yield from self.heads[task].parameters()
-
-    def expert_usage(self) -> dict[int, dict[str, Tensor]]:
-        """Per layer and task, the accumulated gate weight of each expert (summed over images, mean over
-        pixels); from layer 1 on the last entry is the memory."""
-        width = [self.num_experts] + [self.num_experts + 1] * (self.num_layers - 1)
-        return {
-            layer: {t: self.usage[layer, i, : width[layer]].clone() for i, t in enumerate(self.task_names)}
-            for layer in range(self.num_layers)
-        }
-
-    def reset_expert_usage(self) -> None:
-        self.usage.zero_()

@@ -13,8 +13,8 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from mtvision.engine import distributed as D
-from mtvision.engine.distributed import DistInfo, DistributedError, init_distributed
+from mtvision import distributed as D
+from mtvision.distributed import DistInfo, DistributedError, init_distributed
 from tests.gloo import free_port
 
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
