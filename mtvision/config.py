@@ -18,8 +18,10 @@ from mtvision.config_io import (
     read_config_file,
     save_config,
 )
+from mtvision.data.registry import DATASETS
 from mtvision.errors import UnknownNameError, closest
 from mtvision.models.config import ModelConfig
+from mtvision.tasks import get_task
 
 __all__ = [
     "CalibrationConfig",
@@ -51,7 +53,8 @@ class DataConfig:
     """What to train and evaluate on.
 
     Attributes:
-        dataset: "synthetic" (procedural scenes, no files), "nyud" or "pascal".
+        dataset: a name from `mtvision.data.registry.DATASETS`: "synthetic" (procedural scenes, no
+            files), "nyud" or "pascal".
         root: dataset folder (required for nyud and pascal).
         tasks: task names from `mtvision.tasks`, in output order.
         train_split: split used for training.
@@ -70,7 +73,7 @@ class DataConfig:
         pin_memory: pinned host memory for batches (worth enabling when training on CUDA).
     """
 
-    dataset: Literal["synthetic", "nyud", "pascal"] = "synthetic"
+    dataset: str = "synthetic"
     root: str | None = None
     tasks: list[str] = field(default_factory=lambda: ["semseg", "depth", "normals", "edge"])
     train_split: str = "train"
@@ -89,8 +92,10 @@ class DataConfig:
 
     def validate(self) -> None:
         """Raise ConfigError (UnknownNameError for tasks) on inconsistent values."""
-        from mtvision.tasks import get_task
-
+        if self.dataset not in DATASETS:
+            hint = closest(self.dataset, list(DATASETS))
+            extra = f"; did you mean {hint!r}?" if hint else ""
+            raise ConfigError(f"data.dataset {self.dataset!r} is unknown{extra} (valid: {', '.join(DATASETS)})")
         _check(
             self.dataset == "synthetic" or bool(self.root), f"data.root is required for data.dataset={self.dataset!r}"
         )

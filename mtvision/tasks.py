@@ -5,7 +5,7 @@ target behaves under flips, scaling and padding, which metric judges it) lives i
 the rest of the code looks behaviour up here instead of branching on task names.  Adding a task
 means adding one record to `TASKS`.
 
-Target layouts in a batch (see DESIGN.md, Sample contract):
+Target layouts in a batch:
     semseg, parts: int64 N x H x W, 255 = ignore
     depth:         float32 N x 1 x H x W metres, 0 = invalid
     normals:       float32 N x 3 x H x W unit vectors, zero vector = invalid

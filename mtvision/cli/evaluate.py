@@ -50,16 +50,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from torch.utils.data import Subset
-
     from mtvision import distributed as dist
     from mtvision.config import ExperimentConfig, load_config
-    from mtvision.data.loader import build_loader
-    from mtvision.data.transforms import eval_transforms
+    from mtvision.data.registry import get_dataset
     from mtvision.engine.checkpoint import load_checkpoint
-    from mtvision.engine.data import holdout_split, make_dataset
+    from mtvision.engine.data import eval_loader, evaluation_set
     from mtvision.engine.evaluator import evaluate
     from mtvision.engine.loggers import format_metrics_table
+    from mtvision.engine.progress import Progress
     from mtvision.engine.trainer import model_config_for
     from mtvision.models.pretrained import load_model
     from mtvision.models.registry import create_model
@@ -78,27 +76,19 @@ def _run(args: argparse.Namespace) -> int:
         model = load_model(target / "model", device=info.device)
     elif (target / "state.json").is_file():
         state = load_checkpoint(target)
-        data_probe = make_dataset(cfg.data, cfg.data.train_split)
-        model = create_model(model_config_for(cfg, data_probe.num_classes))
+        model = create_model(model_config_for(cfg, dict(get_dataset(cfg.data.dataset).num_classes)))
         model.load_state_dict(state["model"])
         model.to(info.device)
     else:
         raise MTVisionError(f"{target} is neither a run folder, a pretrained folder nor a checkpoint folder")
-    split = {"test": cfg.data.test_split, "val": cfg.data.val_split}.get(args.split, args.split)
     pre = model.config.preprocess
-    dataset = make_dataset(cfg.data, split, eval_transforms(cfg.data.height, cfg.data.width, pre.mean, pre.std))
-    meter_info = dataset.meter_info()
-    if args.split == "val" and cfg.data.holdout_fraction > 0:  # validation is the held-out part of train
-        split = f"{cfg.data.train_split} (held-out {cfg.data.holdout_fraction:.0%})"
-        dataset = Subset(dataset, holdout_split(len(dataset), cfg.data.holdout_fraction)[1])
+    dataset, split = evaluation_set(cfg.data, args.split, pre.mean, pre.std)
+    base = getattr(dataset, "dataset", dataset)  # the dataset behind a held-out Subset
     batch_size = args.batch_size or cfg.train.batch_size
-    loader = build_loader(dataset, batch_size, shuffle=False, num_workers=min(cfg.data.num_workers, 2), pad=False,
-                          num_replicas=info.world_size, rank=info.rank, persistent_workers=False)
+    loader = eval_loader(dataset, batch_size, cfg.data, info.rank, info.world_size)
     tasks = {t: model.tasks[t] for t in cfg.data.tasks if t in model.tasks}
-    from mtvision.engine.progress import Progress
-
     with Progress(len(loader), f"eval {split}", enabled=info.is_main) as bar:
-        metrics = evaluate(model, loader, tasks, meter_info, info.device, progress=bar)
+        metrics = evaluate(model, loader, tasks, base.meter_info(), info.device, progress=bar)
     if info.is_main:
         out = args.out or (target / f"metrics_{args.split}.json")
         out.write_text(json.dumps({"split": split, "target": str(target), "metrics": metrics}, indent=2))

@@ -40,6 +40,11 @@ class MultiTaskDataset(torch.utils.data.Dataset):
                 )
         self.transform = transform
 
+    @classmethod
+    def from_config(cls, cfg: Any, split: str, transform: RawTransform | None = None) -> MultiTaskDataset:
+        """The dataset of `split` that a data config (`DataConfig`: root, tasks, ...) describes."""
+        return cls(cfg.root, split=split, tasks=cfg.tasks, transform=transform)
+
     def __len__(self) -> int:
         raise NotImplementedError
 

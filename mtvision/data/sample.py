@@ -8,7 +8,7 @@ A *raw* sample is what a dataset reads from disk, before any transform:
     edge:     float32 H x W in {0, 1}, 255 = ignore
     saliency: float32 H x W in {0, 1}
     meta:     {"id": str, "size": (H, W)}
-`to_sample` turns it into the tensor contract of DESIGN.md (image normalised 3 x H x W, label maps
+`to_sample` turns it into the tensor sample (image normalised 3 x H x W, label maps
 int64 H x W, dense maps float32 C x H x W).
 """
 

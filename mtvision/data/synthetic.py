@@ -531,6 +531,10 @@ def generate(seed: int, index: int, height: int = 128, width: int = 160) -> dict
     }
 
 
+SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}
+"""Seed offset of each named split (other names hash to their own offset)."""
+
+
 class SyntheticScenes(MultiTaskDataset):
     """`num_samples` procedural indoor scenes at height x width; sample i is `generate(seed, i)`."""
 
@@ -555,6 +559,12 @@ class SyntheticScenes(MultiTaskDataset):
         if height < 8 or width < 8:
             raise ValueError(f"height and width must be at least 8 pixels, got {height} x {width}")
         self.num_samples, self.height, self.width, self.seed = num_samples, height, width, seed
+
+    @classmethod
+    def from_config(cls, cfg: Any, split: str, transform: RawTransform | None = None) -> SyntheticScenes:
+        """`cfg.num_samples[split]` scenes at the training size; each split has its own seed."""
+        offset = SPLIT_SEEDS.get(split, 3 + sum(map(ord, split)))
+        return cls(cfg.num_samples[split], cfg.height, cfg.width, seed=1000 * cfg.seed + offset, tasks=cfg.tasks, transform=transform)
 
     def __len__(self) -> int:
         return self.num_samples

@@ -1,9 +1,13 @@
-"""Datasets and loaders for a run, built from the data config.
+"""Datasets and loaders of a run (training, search and evaluation all build them here).
 
 Training augmentation is a pure function of (data seed, epoch, sample index): every sample's
 transform is reseeded from those three numbers before it runs.  The data stream is therefore the
 same whatever the number of workers, and a resumed run sees exactly the samples and augmentations
 an uninterrupted one would have seen.
+
+Validation is `data.val_split`, or with `data.holdout_fraction` > 0 the last part of the training
+split (NYUD-v2 and PASCAL-Context publish no validation split); that part is then left out of
+training.  The test split is only ever used for the final report.
 """
 
 from __future__ import annotations
@@ -18,28 +22,22 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from mtvision.config import DataConfig
 from mtvision.data.base import MultiTaskDataset
 from mtvision.data.loader import ResumableSampler, build_loader, collate, loader_seed, worker_init_fn
+from mtvision.data.registry import make_dataset
 from mtvision.data.transforms import Compose, eval_transforms, train_transforms
 from mtvision.errors import DatasetError
 
-SYNTHETIC_SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}
-
-
-def make_dataset(cfg: DataConfig, split: str, transform: Any = None) -> MultiTaskDataset:
-    """The dataset of `split` with `transform` (None: raw samples)."""
-    if cfg.dataset == "synthetic":
-        from mtvision.data.synthetic import SyntheticScenes
-
-        offset = SYNTHETIC_SPLIT_SEEDS.get(split, 3 + sum(map(ord, split)))
-        return SyntheticScenes(
-            cfg.num_samples[split], cfg.height, cfg.width, seed=1000 * cfg.seed + offset, tasks=cfg.tasks, transform=transform
-        )
-    if cfg.dataset == "nyud":
-        from mtvision.data.nyud import NYUDv2
-
-        return NYUDv2(cfg.root, split=split, tasks=cfg.tasks, transform=transform)
-    from mtvision.data.pascal import PascalContext
-
-    return PascalContext(cfg.root, split=split, tasks=cfg.tasks, transform=transform)
+__all__ = [
+    "EpochKeyedSampler",
+    "RunData",
+    "SeededAugmentation",
+    "build_run_data",
+    "eval_loader",
+    "evaluation_set",
+    "holdout_split",
+    "make_dataset",
+    "train_indices",
+    "train_loader",
+]
 
 
 class SeededAugmentation(Dataset):
@@ -98,6 +96,53 @@ def holdout_split(n: int, fraction: float) -> tuple[list[int], list[int]]:
     return list(range(n - held)), list(range(n - held, n))
 
 
+def train_indices(cfg: DataConfig, size: int) -> list[int]:
+    """The training split's samples that are trained on: all, minus the validation hold-out."""
+    return holdout_split(size, cfg.holdout_fraction)[0] if cfg.holdout_fraction > 0 else list(range(size))
+
+
+def evaluation_set(cfg: DataConfig, which: str, mean: Sequence[float], std: Sequence[float]) -> tuple[Dataset, str]:
+    """The evaluation dataset `which` ("val", "test" or another split name) with evaluation
+    transforms, and a description of it ("train (held-out 10%)" for a hold-out)."""
+    tf = eval_transforms(cfg.height, cfg.width, mean, std)
+    if which == "val" and cfg.holdout_fraction > 0:
+        full = make_dataset(cfg, cfg.train_split, tf)
+        return Subset(full, holdout_split(len(full), cfg.holdout_fraction)[1]), f"{cfg.train_split} (held-out {cfg.holdout_fraction:.0%})"
+    split = {"val": cfg.val_split, "test": cfg.test_split}.get(which, which)
+    return make_dataset(cfg, split, tf), split
+
+
+def train_loader(
+    dataset: SeededAugmentation, batch_size: int, cfg: DataConfig, rank: int = 0, world: int = 1, salt: int = 0
+) -> DataLoader:
+    """The shuffled, resumable training loader of one process (`loader.sampler.sampler` is the
+    `ResumableSampler`); `salt` gives a second loader over the same data its own order."""
+    if len(dataset) < world:
+        raise DatasetError(f"{len(dataset)} training images cannot be divided among {world} processes")
+    seed = cfg.seed + salt
+    sampler = ResumableSampler(len(dataset), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=EpochKeyedSampler(sampler),
+        num_workers=cfg.num_workers,
+        collate_fn=collate,
+        pin_memory=cfg.pin_memory,
+        drop_last=True,
+        worker_init_fn=worker_init_fn,
+        persistent_workers=cfg.num_workers > 0,
+        generator=torch.Generator().manual_seed(loader_seed(seed, rank)),  # not the global stream: exact resume
+    )
+
+
+def eval_loader(dataset: Dataset, batch_size: int, cfg: DataConfig, rank: int = 0, world: int = 1) -> DataLoader:
+    """An evaluation loader: every sample exactly once over the ranks, in order."""
+    return build_loader(
+        dataset, batch_size, shuffle=False, num_workers=min(cfg.num_workers, 2), pin_memory=cfg.pin_memory,
+        num_replicas=world, rank=rank, pad=False, persistent_workers=False,
+    )
+
+
 def _check_eval_size(ds: Dataset, height: int, width: int, name: str) -> None:
     """Evaluation pads images to height x width: fail now, not at the first validation, when the
     first image is larger."""
@@ -119,46 +164,19 @@ def build_run_data(
         cfg.height, cfg.width, tuple(cfg.scale_range), cfg.flip, cfg.photometric, mean=mean, std=std
     )
     train_set = make_dataset(cfg, cfg.train_split)
-    train_idx = None
-    holdout = getattr(cfg, "holdout_fraction", 0.0)
-    if holdout > 0:
-        train_idx, val_idx = holdout_split(len(train_set), holdout)
-        val_set: Dataset = Subset(make_dataset(cfg, cfg.train_split, eval_transforms(cfg.height, cfg.width, mean, std)), val_idx)
-    else:
-        val_set = make_dataset(cfg, cfg.val_split, eval_transforms(cfg.height, cfg.width, mean, std))
-    test_set = make_dataset(cfg, cfg.test_split, eval_transforms(cfg.height, cfg.width, mean, std))
+    val_set, _ = evaluation_set(cfg, "val", mean, std)
+    test_set, _ = evaluation_set(cfg, "test", mean, std)
     for name, ds in (("validation", val_set), ("test", test_set)):
         _check_eval_size(ds, cfg.height, cfg.width, name)
-    augmented = SeededAugmentation(train_set, train_tf, seed=cfg.seed, indices=train_idx)
-
-    sampler = ResumableSampler(len(augmented), num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    workers = cfg.num_workers
-    train_loader = DataLoader(
-        augmented,
-        batch_size=batch_size,
-        sampler=EpochKeyedSampler(sampler),
-        num_workers=workers,
-        collate_fn=collate,
-        pin_memory=cfg.pin_memory,
-        drop_last=True,
-        worker_init_fn=worker_init_fn,
-        persistent_workers=workers > 0,
-        generator=torch.Generator().manual_seed(loader_seed(cfg.seed, rank)),  # not the global stream: exact resume
-    )
-
-    def eval_loader(ds: Dataset) -> DataLoader:
-        return build_loader(
-            ds, batch_size, shuffle=False, num_workers=min(workers, 2), pin_memory=cfg.pin_memory,
-            num_replicas=world_size, rank=rank, pad=False, persistent_workers=False,
-        )
-
+    augmented = SeededAugmentation(train_set, train_tf, seed=cfg.seed, indices=train_indices(cfg, len(train_set)))
+    loader = train_loader(augmented, batch_size, cfg, rank, world_size)
     names = getattr(train_set, "class_names", None)
     class_names = {"semseg": list(names)} if names is not None and "semseg" in cfg.tasks else {}
     return RunData(
-        train=train_loader,
-        val=eval_loader(val_set),
-        test=eval_loader(test_set),
-        sampler=sampler,
+        train=loader,
+        val=eval_loader(val_set, batch_size, cfg, rank, world_size),
+        test=eval_loader(test_set, batch_size, cfg, rank, world_size),
+        sampler=loader.sampler.sampler,
         num_classes={t: n for t, n in train_set.num_classes.items() if t in cfg.tasks},
         meter_info=train_set.meter_info(),
         class_names=class_names,

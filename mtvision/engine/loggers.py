@@ -29,7 +29,6 @@ from mtvision.tasks import IGNORE_INDEX, get_task
 from mtvision.visualize import image_grid
 
 
-
 @dataclass
 class PredictionPanel:
     """One sample's picture, decoded predictions and targets, for visual logging.

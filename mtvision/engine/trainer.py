@@ -10,7 +10,6 @@ objective run the step, log, validate, stop.
 from __future__ import annotations
 
 import contextlib
-import shutil
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from mtvision.engine.evaluator import evaluate, predict_panels
 from mtvision.engine.loggers import LoggerGroup, PredictionPanel, build_loggers, colour_pair, format_metrics_table
 from mtvision.engine.objective import MultiTaskObjective, build_objective, check_objective
 from mtvision.engine.progress import Progress
+from mtvision.engine.run_folder import RunFolderError, check_output_dir, prepare_output_dir
 from mtvision.engine.schedule import WarmupSchedule
 from mtvision.engine.selection import Selector
 from mtvision.engine.window import LogWindow
@@ -41,10 +41,6 @@ from mtvision.models.registry import create_model
 
 class TrainingError(MTVisionError, RuntimeError):
     """Training cannot go on (too many non-finite losses, ...)."""
-
-
-class RunFolderError(TrainingError, ValueError):
-    """The output folder does not fit the request (in use without --resume/--overwrite, nothing to resume)."""
 
 
 @dataclass
@@ -62,28 +58,6 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------------------- set-up
-def check_output_dir(path: str | Path, resume: bool, overwrite: bool) -> bool:
-    """Whether `path` already holds a run; refuses one unless resuming or overwriting."""
-    out = Path(path)
-    used = out.exists() and any(out.iterdir())
-    if used and not (resume or overwrite):
-        raise RunFolderError(
-            f"output_dir {str(out)!r} already holds a run; pass --resume to continue it or --overwrite to replace it"
-        )
-    return used
-
-
-def prepare_output_dir(path: str | Path, resume: bool, overwrite: bool, is_main: bool) -> Path:
-    """The run folder, created (or emptied first with `overwrite`); see `check_output_dir`."""
-    out = Path(path)
-    if is_main:  # the other ranks ran check_output_dir at start-up; checking again would race the rmtree
-        if check_output_dir(out, resume, overwrite) and overwrite and not resume:
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
-    return out
-
-
 def model_config_for(cfg: ExperimentConfig, num_classes: dict[str, int]) -> ModelConfig:
     """The model config of a run: the `model` section, with the run's tasks and class counts and
     preprocessing matching the training size where the section leaves them out."""

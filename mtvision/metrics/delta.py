@@ -1,7 +1,7 @@
 """Δm%: the average relative improvement of a multi-task model over single-task references.
 
 Δm% = 100 / T · Σ_t (−1)^{l_t} (M_t − S_t) / S_t, with l_t = 1 when lower is better, so a positive
-Δm means the multi-task model is better on average (DESIGN.md's sign).  LibMTL and the Nash-MTL
+Δm means the multi-task model is better on average.  LibMTL and the Nash-MTL
 line of papers report the opposite sign (lower is better, e.g. EW +5.6 on NYUv2): compare their
 tables with −Δm.  T counts the metrics that enter the sum: one
 primary metric per task, or every metric of every task (the all-metrics variant).

@@ -10,18 +10,18 @@ from typing import Any
 
 from mtvision.errors import closest, unknown_name
 from mtvision.models.backbones import create_backbone
-from mtvision.models.branched import BranchedDecoder
 from mtvision.models.config import ConfigError, ModelConfig
 from mtvision.models.decoders import CrossStitchDecoder, HPSDecoder, MultiTaskDecoder
-from mtvision.models.decoders.cross_task_attention import CrossTaskAttentionDecoder
-from mtvision.models.decoders.cross_task_ssm import CrossTaskSSMDecoder
-from mtvision.models.decoders.distillation import DistillationDecoder
+from mtvision.models.decoders.branched import BranchedDecoder
+from mtvision.models.decoders.invpt import CrossTaskAttentionDecoder
 from mtvision.models.decoders.m3vit import M3ViTDecoder
 from mtvision.models.decoders.mmoe import MMoEDecoder
+from mtvision.models.decoders.mtmamba import CrossTaskSSMDecoder
+from mtvision.models.decoders.padnet import DistillationDecoder
 from mtvision.models.decoders.taps import TAPSDecoder
-from mtvision.models.decoders.task_expert import TaskExpertDecoder
+from mtvision.models.decoders.taskexpert import TaskExpertDecoder
+from mtvision.models.decoders.taskprompter import TaskPrompterDecoder
 from mtvision.models.multitask import MultiTaskModel
-from mtvision.models.task_prompts import TaskPrompterDecoder
 from mtvision.tasks import resolve_tasks
 
 DecoderBuilder = Callable[..., MultiTaskDecoder]

@@ -1,5 +1,6 @@
 """Branching search: the branching spec (which tasks share which stage copies) and its FLOPs."""
 
+from mtvision.models.branching_spec import BranchingSpec, SpecError, as_spec
 from mtvision.search.flops import (
     BudgetError,
     FlopsTable,
@@ -12,7 +13,6 @@ from mtvision.search.flops import (
     spec_flops,
     stage_flops,
 )
-from mtvision.search.spec import BranchingSpec, SpecError, as_spec
 
 __all__ = [
     "BranchingSpec",

@@ -27,9 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from mtvision.errors import MTVisionError
-from mtvision.models.branched import BranchedDecoder
+from mtvision.models.branching_spec import BranchingSpec
+from mtvision.models.decoders.branched import BranchedDecoder
 from mtvision.search.flops import FlopsTable, spec_flops
-from mtvision.search.spec import BranchingSpec
 from mtvision.search.supernet import gumbel_softmax, task_outputs
 
 MAX_TASKS = 7  # the exact resource loss enumerates T^T copy assignments per stage

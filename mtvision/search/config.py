@@ -175,7 +175,7 @@ class SearchConfig:
                 hint = closest(str(key), RECIPE_KEYS)
                 extra = f"; did you mean 'recipe.{hint}'?" if hint else ""
                 raise ConfigError(f"unknown key 'recipe.{key}'{extra} (valid: {', '.join(RECIPE_KEYS)})")
-        from mtvision.search.spec import BranchingSpec
+        from mtvision.models.branching_spec import BranchingSpec
 
         probe = BranchingSpec.all_shared(self.data.tasks, 1).to_dict()
         try:  # the recipe must make a valid training config (checked with a placeholder spec)

@@ -18,10 +18,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from mtvision.errors import MTVisionError
-from mtvision.search.spec import BranchingSpec, SpecError
+from mtvision.models.branching_spec import BranchingSpec, SpecError
 
 if TYPE_CHECKING:
-    from mtvision.models.branched import BranchedDecoder
+    from mtvision.models.decoders.branched import BranchedDecoder
 
 
 class BudgetError(MTVisionError, ValueError):

@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mtvision.models.branched import BranchedDecoder
+from mtvision.models.branching_spec import BranchingSpec
+from mtvision.models.decoders.branched import BranchedDecoder
 from mtvision.search.flops import FlopsTable, spec_flops
-from mtvision.search.spec import BranchingSpec
 from mtvision.search.supernet import gumbel_softmax, task_outputs
 
 DEFAULTS = {"arch_weight_decay": 0.0}  # the weights' lr and decay: SearchOptions (config.py)

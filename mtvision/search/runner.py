@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from itertools import islice
@@ -22,16 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from mtvision import distributed as dist
 from mtvision.config import save_config
-from mtvision.data.loader import ResumableSampler, collate, loader_seed, worker_init_fn
 from mtvision.data.sample import IMAGENET_MEAN, IMAGENET_STD
 from mtvision.data.transforms import train_transforms
-from mtvision.engine.data import EpochKeyedSampler, SeededAugmentation, holdout_split, make_dataset
+from mtvision.engine.data import SeededAugmentation, make_dataset, train_indices, train_loader
 from mtvision.engine.progress import Progress
+from mtvision.engine.run_folder import check_output_dir, prepare_output_dir
 from mtvision.errors import MTVisionError
+from mtvision.models.branching_spec import BranchingSpec
 from mtvision.models.config import ModelConfig
 from mtvision.search.bmtas import BMTAS
 from mtvision.search.config import SearchConfig, resolved
@@ -46,16 +45,11 @@ from mtvision.search.flops import (
 )
 from mtvision.search.ltb import LearningToBranch
 from mtvision.search.plot import plot_sharing
-from mtvision.search.spec import BranchingSpec
 from mtvision.search.supernet import InverseSqrtTemperature, LinearTemperature, SearchStepper, build_copies, fit_budget
 
 
 class SearchError(MTVisionError, RuntimeError):
     """A search that cannot run (too little data, an output folder in use, ...)."""
-
-
-class SearchFolderError(SearchError, ValueError):
-    """The output folder already holds results and --overwrite was not given."""
 
 
 @dataclass
@@ -69,33 +63,12 @@ class SearchResult:
 
 
 # ---------------------------------------------------------------------------------------- set-up
-def _check_output_dir(path: Path, overwrite: bool) -> bool:
-    used = path.exists() and any(path.iterdir())
-    if used and not overwrite:
-        raise SearchFolderError(f"output_dir {str(path)!r} already holds results; pass --overwrite to replace them")
-    return used
-
-
-def _loader(dataset: SeededAugmentation, batch: int, cfg: SearchConfig, rank: int, world: int, salt: int) -> DataLoader:
-    d = cfg.data
-    if len(dataset) < world:
-        raise SearchError(f"{len(dataset)} search images cannot be divided among {world} processes: use more data.num_samples")
-    sampler = ResumableSampler(len(dataset), num_replicas=world, rank=rank, shuffle=True, seed=d.seed + salt, drop_last=True)
-    return DataLoader(
-        dataset, batch_size=batch, sampler=EpochKeyedSampler(sampler), num_workers=d.num_workers, collate_fn=collate,
-        pin_memory=d.pin_memory, drop_last=True, worker_init_fn=worker_init_fn, persistent_workers=d.num_workers > 0,
-        generator=torch.Generator().manual_seed(loader_seed(d.seed + salt, rank)),
-    )
-
-
 def build_search_data(cfg: SearchConfig, holdout: bool, rank: int = 0, world: int = 1, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """(weight loader, architecture loader or None, class counts).  The training split minus any
     validation hold-out; with `holdout`, a seeded `search.arch_fraction` of it for the architecture."""
     d, opts = cfg.data, cfg.search
     base = make_dataset(d, d.train_split)
-    indices = list(range(len(base)))
-    if d.holdout_fraction > 0:
-        indices, _ = holdout_split(len(base), d.holdout_fraction)
+    indices = train_indices(d, len(base))
     tf = train_transforms(d.height, d.width, tuple(d.scale_range), d.flip, d.photometric, mean=mean, std=std)
     arch = None
     weight_idx = indices
@@ -106,8 +79,8 @@ def build_search_data(cfg: SearchConfig, holdout: bool, rank: int = 0, world: in
             raise SearchError(f"search.arch_fraction={opts.arch_fraction} of {len(indices)} images leaves none for the weights")
         arch_idx = sorted(indices[i] for i in perm[:n_arch])
         weight_idx = sorted(indices[i] for i in perm[n_arch:])
-        arch = _loader(SeededAugmentation(base, tf, d.seed, arch_idx), opts.batch_size, cfg, rank, world, salt=1)
-    weights = _loader(SeededAugmentation(base, tf, d.seed, weight_idx), opts.batch_size, cfg, rank, world, salt=0)
+        arch = train_loader(SeededAugmentation(base, tf, d.seed, arch_idx), opts.batch_size, d, rank, world, salt=1)
+    weights = train_loader(SeededAugmentation(base, tf, d.seed, weight_idx), opts.batch_size, d, rank, world, salt=0)
     for name, loader in (("weight", weights), ("architecture", arch)):
         if loader is not None and len(loader) == 0:
             raise SearchError(
@@ -143,7 +116,7 @@ def search(
 def _search(cfg: SearchConfig, info: dist.DistInfo, overwrite: bool, on_epoch, closing: contextlib.ExitStack) -> SearchResult:
     opts, r, dev = cfg.search, resolved(cfg.search), info.device
     out = Path(cfg.output_dir)
-    _check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite=overwrite, resumable=False)
     dist.seed_everything(opts.seed, 0)  # identical supernet weights on every rank
     preprocess = cfg.model.get("preprocess") or {}
     mean, std = preprocess.get("mean", IMAGENET_MEAN), preprocess.get("std", IMAGENET_STD)
@@ -164,10 +137,8 @@ def _search(cfg: SearchConfig, info: dist.DistInfo, overwrite: bool, on_epoch, c
         LinearTemperature(r.temperature_initial, r.temperature_final or r.temperature_initial, opts.epochs, r.warmup_epochs)
         if opts.method == "bmtas" else InverseSqrtTemperature(r.temperature_initial)
     )
+    prepare_output_dir(out, False, overwrite, info.is_main, resumable=False)
     if info.is_main:
-        if out.exists() and overwrite:
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "search_config.yaml")
         (out / "arch_params.jsonl").write_text("")
     dist.barrier()

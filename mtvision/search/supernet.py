@@ -26,13 +26,13 @@ from torch import Tensor, nn
 from mtvision import distributed as dist
 from mtvision.engine.objective import compute_losses
 from mtvision.models.backbones import create_backbone
-from mtvision.models.branched import BranchedDecoder
+from mtvision.models.branching_spec import BranchingSpec
 from mtvision.models.config import ModelConfig
+from mtvision.models.decoders.branched import BranchedDecoder
 from mtvision.models.heads import resize_to
 from mtvision.models.registry import build_model
 from mtvision.optim.gradients import average_gradients
 from mtvision.search.flops import FlopsTable, check_budget, spec_flops
-from mtvision.search.spec import BranchingSpec
 from mtvision.tasks import Task
 
 

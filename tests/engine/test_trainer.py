@@ -11,6 +11,7 @@ import torch
 
 from mtvision.config import ExperimentConfig, from_dict
 from mtvision.engine.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
+from mtvision.engine.run_folder import RunFolderError
 from mtvision.engine.trainer import TrainingError, train
 from tests.gloo import free_port
 
@@ -81,7 +82,7 @@ def test_refuses_a_used_output_dir_unless_resume_or_overwrite(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "something").write_text("x")
-    with pytest.raises(TrainingError, match="--resume .* --overwrite"):
+    with pytest.raises(RunFolderError, match="--resume .* --overwrite"):
         train(tiny_config(out, train={"iterations": 2, "eval_interval": 2}), device="cpu")
     result = train(tiny_config(out, train={"iterations": 2, "eval_interval": 2}), overwrite=True, device="cpu")
     assert result.step == 2 and not (out / "something").exists()
@@ -109,7 +110,7 @@ def test_sigterm_mid_epoch_then_resume_gives_the_uninterrupted_parameters(tmp_pa
 
 
 def test_resume_without_checkpoint_and_from_a_corrupt_one(tmp_path):
-    with pytest.raises(TrainingError, match="no checkpoint"):
+    with pytest.raises(RunFolderError, match="no checkpoint"):
         train(tiny_config(tmp_path / "none"), resume=True, device="cpu")
     out = tmp_path / "run"
     train(tiny_config(out, train={"iterations": 4, "eval_interval": 2}), device="cpu")

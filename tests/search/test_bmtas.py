@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mtvision.models.branching_spec import BranchingSpec
 from mtvision.models.config import ModelConfig
 from mtvision.search.bmtas import BMTAS, Partitions, expected_copies, expected_flops, warmup_epochs
 from mtvision.search.flops import BudgetError, FlopsTable, measure, spec_flops
-from mtvision.search.spec import BranchingSpec
 from mtvision.search.supernet import SearchStepper, build_copies, fit_budget
 
 

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from mtvision.models import create_model
+from mtvision.models.branching_spec import BranchingSpec, SpecError
 from mtvision.search.flops import (
     BudgetError,
     FlopsTable,
@@ -19,7 +20,6 @@ from mtvision.search.flops import (
     spec_flops,
     stage_flops,
 )
-from mtvision.search.spec import BranchingSpec, SpecError
 
 TASKS = ("semseg", "depth", "normals")
 

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
+from mtvision.models.branching_spec import BranchingSpec
 from mtvision.models.config import ModelConfig
 from mtvision.search.flops import measure, spec_flops
 from mtvision.search.ltb import LearningToBranch, initial_temperature, warmup_epochs
-from mtvision.search.spec import BranchingSpec
 from mtvision.search.supernet import InverseSqrtTemperature, LinearTemperature, build_copies, gumbel_softmax
 
 TASKS = {"semseg": 4, "depth": None, "normals": None}

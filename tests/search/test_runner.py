@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from mtvision.config import ConfigError, ExperimentConfig, from_dict, load_config
+from mtvision.engine.run_folder import RunFolderError
+from mtvision.models.branching_spec import BranchingSpec
 from mtvision.search.config import SearchConfig
 from mtvision.search.flops import BudgetError
-from mtvision.search.runner import SearchFolderError, search
-from mtvision.search.spec import BranchingSpec
+from mtvision.search.runner import search
 from tests.gloo import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,7 +95,7 @@ def test_an_used_output_dir_needs_overwrite(tmp_path):
     out = tmp_path / "used"
     out.mkdir()
     (out / "x").write_text("x")
-    with pytest.raises(SearchFolderError, match="--overwrite"):
+    with pytest.raises(RunFolderError, match="--overwrite"):
         search(tiny(out), device="cpu")
 
 

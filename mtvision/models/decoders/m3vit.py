@@ -7,9 +7,9 @@ from collections.abc import Iterator, Sequence
 from torch import Tensor, nn
 
 from mtvision.models.decoders.base import MOE_BALANCE, BackboneFactory, ModelOutput, MultiTaskDecoder, model_output
-from mtvision.models.decoders.cross_task_attention import crop_to, pad_to_multiple
+from mtvision.models.decoders.invpt import crop_to, pad_to_multiple
 from mtvision.models.heads import MultiScaleNeck, TaskHead
-from mtvision.models.m3vit import M3VIT_EVERY, M3VIT_NUM_EXPERTS, M3VIT_TOP_K, M3ViTBackbone
+from mtvision.models.m3vit_backbone import M3VIT_EVERY, M3VIT_NUM_EXPERTS, M3VIT_TOP_K, M3ViTBackbone
 from mtvision.tasks import Task
 
 

@@ -1,5 +1,5 @@
 """TAPS: one backbone whose Conv2d / Linear layers carry per-task gated weight deltas
-(`mtvision.search.taps`), with a neck and head per task."""
+(`mtvision.models.task_adaptive`), with a neck and head per task."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from mtvision.models import task_adaptive as taps
 from mtvision.models.decoders.base import TAPS_SPARSITY, BackboneFactory, ModelOutput, MultiTaskDecoder, model_output
 from mtvision.models.heads import MultiScaleNeck, TaskHead
-from mtvision.search import taps
 from mtvision.tasks import Task
 
 

@@ -7,7 +7,7 @@ import torch
 
 from mtvision.errors import MTVisionError
 from mtvision.models import create_model
-from mtvision.models.task_prompts import TaskPrompterDecoder, TaskPromptError
+from mtvision.models.decoders.taskprompter import TaskPrompterDecoder, TaskPromptError
 
 TASKS3 = ("semseg", "depth", "normals")
 VIT = {"name": "vit_tiny_patch16_224", "kwargs": {"img_size": 64, "dynamic_img_size": True, "depth": 4}}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mtvision.errors import MTVisionError
-from mtvision.search.spec import BranchingSpec, SpecError, as_spec
+from mtvision.models.branching_spec import BranchingSpec, SpecError, as_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 TASKS = ["semseg", "depth", "normals", "edge"]

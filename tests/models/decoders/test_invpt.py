@@ -8,7 +8,7 @@ from torch import nn
 
 from mtvision.errors import MTVisionError
 from mtvision.models import create_model
-from mtvision.models.decoders.cross_task_attention import (
+from mtvision.models.decoders.invpt import (
     CrossTaskAttentionDecoder,
     DecoderStrideError,
     JointTaskAttention,

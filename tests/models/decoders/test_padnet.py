@@ -8,8 +8,8 @@ from torch import nn
 
 from mtvision.errors import MTVisionError
 from mtvision.models import create_model
-from mtvision.models.decoders.cross_task_attention import DecoderStrideError
-from mtvision.models.decoders.distillation import AttentionDistillation, DistillationDecoder
+from mtvision.models.decoders.invpt import DecoderStrideError
+from mtvision.models.decoders.padnet import AttentionDistillation, DistillationDecoder
 from mtvision.tasks import resolve_tasks
 
 TASKS3 = ("semseg", "depth", "normals")

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from mtvision.errors import MTVisionError
 from mtvision.models.decoders.base import BackboneFactory, ModelOutput, MultiTaskDecoder, model_output
-from mtvision.models.decoders.cross_task_attention import crop_to, pad_to_multiple
+from mtvision.models.decoders.invpt import crop_to, pad_to_multiple
 from mtvision.models.heads import TaskHead, resize_to
 from mtvision.tasks import Task
 

@@ -11,7 +11,7 @@ from torch import nn
 from mtvision.engine.objective import compute_losses
 from mtvision.errors import MTVisionError
 from mtvision.models import create_model
-from mtvision.models.decoders.cross_task_ssm import CrossTaskSSMDecoder, SSMDecoderError
+from mtvision.models.decoders.mtmamba import CrossTaskSSMDecoder, SSMDecoderError
 from mtvision.models.ssm.selective_scan import selective_scan_reference
 from mtvision.models.ssm.ss2d import SS2D, DirectionalScan, flatten_four_ways, merge_four_ways
 from mtvision.tasks import resolve_tasks

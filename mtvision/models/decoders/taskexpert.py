@@ -36,7 +36,7 @@ from mtvision.models.decoders.base import (
     graph_boundary,
     model_output,
 )
-from mtvision.models.decoders.cross_task_attention import DecoderStrideError, check_strides, crop_to, pad_to_multiple
+from mtvision.models.decoders.invpt import DecoderStrideError, check_strides, crop_to, pad_to_multiple
 from mtvision.models.heads import TaskHead, make_norm, resize_to
 from mtvision.models.moe import MoEError, cv_squared
 from mtvision.tasks import Task

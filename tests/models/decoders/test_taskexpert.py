@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from mtvision.errors import MTVisionError
 from mtvision.models import create_model
-from mtvision.models.decoders.cross_task_attention import DecoderStrideError
 from mtvision.models.decoders.base import MOE_BALANCE
-from mtvision.models.decoders.task_expert import TaskExpertDecoder, to_grid
+from mtvision.models.decoders.invpt import DecoderStrideError
+from mtvision.models.decoders.taskexpert import TaskExpertDecoder, to_grid
 from mtvision.models.moe import MoEError
 from tests.models.learning import adam_steps
 

@@ -21,9 +21,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from mtvision.models.backbones import Backbone, BackboneError, create_backbone
+from mtvision.models.branching_spec import BranchingSpec, SpecError, as_spec
 from mtvision.models.decoders.base import BackboneFactory, ModelOutput, MultiTaskDecoder, graph_boundary, model_output
 from mtvision.models.heads import MultiScaleNeck, TaskHead
-from mtvision.search.spec import BranchingSpec, SpecError, as_spec
 from mtvision.tasks import Task
 
 

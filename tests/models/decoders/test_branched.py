@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import save_file
 
 from mtvision.models import BackboneError, create_backbone, create_model
-from mtvision.models.branched import BranchedDecoder, backbone_stages, run_stages, split_stages
-from mtvision.search.spec import BranchingSpec, SpecError
+from mtvision.models.branching_spec import BranchingSpec, SpecError
+from mtvision.models.decoders.branched import BranchedDecoder, backbone_stages, run_stages, split_stages
 from tests.models.learning import adam_steps
 
 TASKS = ("semseg", "depth", "normals", "edge")
@@ -308,7 +308,7 @@ def test_shipped_config_builds_the_tree_it_describes():
 
     from mtvision.config import ExperimentConfig, load_config
 
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     cfg = load_config(ExperimentConfig, root / "configs/synthetic/branched_resnet18_128x160.yaml")
     model = create_model(cfg.model.resolved(cfg.data.tasks, {}, (cfg.data.height, cfg.data.width)))
     assert model.decoder.spec == BranchingSpec.load(root / "configs/synthetic/specs/split_last_two.yaml")

@@ -7,7 +7,7 @@ import torch
 from timm.layers import Conv2dSame, StdConv2d
 from torch import nn
 
-from mtvision.search import taps
+from mtvision.models import task_adaptive as taps
 
 TASKS = ("a", "b")
 

@@ -13,7 +13,7 @@ from mtvision.models import create_model
 from mtvision.models.backbones import create_backbone
 from mtvision.models.decoders.base import MOE_BALANCE
 from mtvision.models.decoders.m3vit import M3ViTDecoder
-from mtvision.models.m3vit import M3ViTBackbone, M3ViTError, MoEBlock, load_dense_weights, moeify_vit
+from mtvision.models.m3vit_backbone import M3ViTBackbone, M3ViTError, MoEBlock, load_dense_weights, moeify_vit
 from tests.models.learning import adam_steps
 
 TASKS3 = ("semseg", "depth", "normals")

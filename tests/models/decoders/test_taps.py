@@ -9,10 +9,10 @@ import torch
 
 from mtvision.engine.trainer import train
 from mtvision.models import create_model
+from mtvision.models import task_adaptive as taps
 from mtvision.models.decoders.base import TAPS_SPARSITY
 from mtvision.models.decoders.taps import TAPSDecoder
 from mtvision.models.registry import get_decoder
-from mtvision.search import taps
 from tests.engine.test_trainer import final_weights, tiny_config
 
 TASKS3 = ("semseg", "depth", "normals")

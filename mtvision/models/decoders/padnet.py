@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from mtvision.models.decoders.base import BackboneFactory, ModelOutput, MultiTaskDecoder, graph_boundary, model_output
-from mtvision.models.decoders.cross_task_attention import check_strides, crop_to, pad_to_multiple
+from mtvision.models.decoders.invpt import check_strides, crop_to, pad_to_multiple
 from mtvision.models.heads import ConvBNReLU, MultiScaleNeck, TaskHead, make_norm, resize_to
 from mtvision.tasks import Task
 
