@@ -58,7 +58,8 @@ class DataConfig:
         root: dataset folder (required for nyud and pascal).
         tasks: task names from `mtvision.tasks`, in output order.
         train_split: split used for training.
-        val_split: held-out split used for validation and model selection (never the test split).
+        val_split: held-out split used for validation and model selection (never the test split);
+            None: no validation (with train.select "last", as the releases train on the full split).
         test_split: split used for the final evaluation only.
         holdout_fraction: when > 0, validate on this last fraction of train_split instead of val_split
             (for NYUD and PASCAL, whose public "val" split is the reported test set).
@@ -77,7 +78,7 @@ class DataConfig:
     root: str | None = None
     tasks: list[str] = field(default_factory=lambda: ["semseg", "depth", "normals", "edge"])
     train_split: str = "train"
-    val_split: str = "val"
+    val_split: str | None = "val"
     test_split: str = "test"
     holdout_fraction: float = 0.0
     height: int = 128
@@ -112,7 +113,7 @@ class DataConfig:
         _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
         _check(0 <= self.holdout_fraction < 1, f"data.holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
         splits = {self.train_split, self.test_split}
-        if self.holdout_fraction == 0:
+        if self.holdout_fraction == 0 and self.val_split is not None:
             splits.add(self.val_split)
             _check(
                 self.val_split != self.test_split,
@@ -256,6 +257,9 @@ class TrainConfig:
         seed: seed of the model initialisation and training randomness.
         deterministic: deterministic algorithms (slower; reproducible on one machine).
         sync_bn: convert BatchNorm to SyncBatchNorm under DDP.
+        select: which weights the final report and the pretrained folder use: "best" (the best
+            validation checkpoint by select_metric) or "last" (the final iteration, as the releases
+            of InvPT, TaskPrompter and MTMamba report).
         select_metric: validation metric that picks the best checkpoint: "delta_m" (Δm% over each
             task's primary metric) or "<task>.<metric>" such as "semseg.mIoU".
         references: JSON file of single-task results {task: {metric: value}} that Δm% compares
@@ -276,6 +280,7 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     sync_bn: bool = False
+    select: Literal["best", "last"] = "best"
     select_metric: str = "delta_m"
     references: str | None = None
     keep_last: int = 3
@@ -358,6 +363,12 @@ class ExperimentConfig:
         self.train.validate()
         self.logging.validate()
         _check(bool(self.output_dir), "output_dir must not be empty")
+        if self.train.select == "best":
+            _check(
+                self.data.val_split is not None or self.data.holdout_fraction > 0,
+                "train.select 'best' needs a validation split (data.val_split or data.holdout_fraction); "
+                "with none, use train.select=last",
+            )
         model = self.model.resolved(self.data.tasks, {}, (self.data.height, self.data.width))
         if list(model.tasks) != list(self.data.tasks):
             raise ConfigError(f"model.tasks {list(model.tasks)} must match data.tasks {self.data.tasks}")

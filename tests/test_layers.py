@@ -19,7 +19,8 @@ LAYERS = [
     {"config"},
     {"engine"},
     {"search"},
-    {"inference", "cli"},
+    {"inference", "convert"},
+    {"cli"},
 ]
 
 

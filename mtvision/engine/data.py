@@ -77,10 +77,11 @@ class EpochKeyedSampler(Sampler):
 
 @dataclass
 class RunData:
-    """The three loaders of a run, the training sampler (for epochs and resume) and dataset facts."""
+    """The three loaders of a run (no validation loader when the run has no validation split), the
+    training sampler (for epochs and resume) and dataset facts."""
 
     train: DataLoader
-    val: DataLoader
+    val: DataLoader | None
     test: DataLoader
     sampler: ResumableSampler
     num_classes: dict[str, int]
@@ -164,17 +165,19 @@ def build_run_data(
         cfg.height, cfg.width, tuple(cfg.scale_range), cfg.flip, cfg.photometric, mean=mean, std=std
     )
     train_set = make_dataset(cfg, cfg.train_split)
-    val_set, _ = evaluation_set(cfg, "val", mean, std)
+    has_val = cfg.val_split is not None or cfg.holdout_fraction > 0
+    val_set = evaluation_set(cfg, "val", mean, std)[0] if has_val else None
     test_set, _ = evaluation_set(cfg, "test", mean, std)
     for name, ds in (("validation", val_set), ("test", test_set)):
-        _check_eval_size(ds, cfg.height, cfg.width, name)
+        if ds is not None:
+            _check_eval_size(ds, cfg.height, cfg.width, name)
     augmented = SeededAugmentation(train_set, train_tf, seed=cfg.seed, indices=train_indices(cfg, len(train_set)))
     loader = train_loader(augmented, batch_size, cfg, rank, world_size)
     names = getattr(train_set, "class_names", None)
     class_names = {"semseg": list(names)} if names is not None and "semseg" in cfg.tasks else {}
     return RunData(
         train=loader,
-        val=eval_loader(val_set, batch_size, cfg, rank, world_size),
+        val=eval_loader(val_set, batch_size, cfg, rank, world_size) if val_set is not None else None,
         test=eval_loader(test_set, batch_size, cfg, rank, world_size),
         sampler=loader.sampler.sampler,
         num_classes={t: n for t, n in train_set.num_classes.items() if t in cfg.tasks},

@@ -213,8 +213,12 @@ class Run:
         return self.base_lrs[0] * factor
 
     def validate(self) -> None:
-        """Score the validation split, log it, pictures, and a checkpoint (marked best when it is)."""
+        """Score the validation split, log it, pictures, and a checkpoint (marked best when it is);
+        without a validation split, only the checkpoint."""
         cfg, info, core = self.cfg, self.info, self.core
+        if self.data.val is None:
+            self.save(is_best=False)
+            return
         if info.is_distributed:  # ranks' BatchNorm running stats drift apart: score rank 0's, the one saved
             for buffer in core.buffers():
                 torch.distributed.broadcast(buffer, src=0)
@@ -401,19 +405,25 @@ def _log_pictures(run: Run, limit: int) -> None:
 
 
 def _finish(run: Run) -> tuple[dict[str, dict[str, float]], Path]:
-    """Load the best checkpoint, report the test split, export the pretrained folder."""
+    """Report the test split with the weights `train.select` chooses, export the pretrained folder."""
     core, info = run.core, run.info
-    best = run.ckpts.best()
+    best = run.ckpts.best() if run.cfg.train.select == "best" else None
     if best is not None:
         core.load_state_dict(load_checkpoint(best)["model"])
+        which, alias = f"best validation checkpoint, step {run.selector.best_step}", "best"
+    elif run.cfg.train.select == "best":
+        which, alias = "last iteration: no validation gave a usable score, so no best checkpoint was chosen", "last"
+    else:
+        which, alias = "last iteration (train.select: last)", "last"
     test_metrics = evaluate(core, run.data.test, core.tasks, run.data.meter_info, info.device, run.cfg.train.amp)
     pretrained = run.out / "model"
     if info.is_main:
         core.save_pretrained(pretrained)
         run.loggers.log_scalars({f"test/{t}/{k}": v for t, m in test_metrics.items() for k, v in m.items()}, run.step)
-        run.loggers.log_artifact(pretrained, name="model", kind="model", aliases=["best"])
-        print("\ntest split (best validation checkpoint):\n" + format_metrics_table(test_metrics), flush=True)
+        run.loggers.log_artifact(pretrained, name="model", kind="model", aliases=[alias])
+        print(f"\ntest split ({which}):\n" + format_metrics_table(test_metrics), flush=True)
         print(f"pretrained model: {pretrained}  (mtvision.load({str(pretrained)!r}))", flush=True)
-        print(f"predictions: {run.out / 'predictions.png'}", flush=True)
+        if (run.out / "predictions.png").is_file():
+            print(f"predictions: {run.out / 'predictions.png'}", flush=True)
     dist.barrier()
     return test_metrics, pretrained

@@ -33,6 +33,9 @@ from torch.utils.checkpoint import checkpoint
 from mtvision.errors import MTVisionError, UnknownNameError, closest
 
 DEFAULT_MIN_STRIDE = 4
+OUTPUT_NORMS = ("none", "last", "all")
+"""backbone.output_norm: no norm on the returned levels, a LayerNorm on the last one (the final
+norm of a ViT, which timm's features_only model drops) or on every level (mmseg's Swin)."""
 
 
 class BackboneError(MTVisionError, ValueError):
@@ -115,7 +118,15 @@ class Backbone(nn.Module):
         channels, strides: per returned level.
     """
 
-    def __init__(self, body: nn.Module, name: str, levels: Sequence[int] | None = None, channels_last: bool = False):
+    def __init__(
+        self,
+        body: nn.Module,
+        name: str,
+        levels: Sequence[int] | None = None,
+        channels_last: bool = False,
+        output_norm: str = "none",
+        output_norm_eps: float = 1e-6,
+    ):
         super().__init__()
         self.body = body
         self.name = name
@@ -132,6 +143,12 @@ class Backbone(nn.Module):
             self.body.to(memory_format=torch.channels_last)
         self._plan: list[Callable[[Tensor], Tensor]] | None = None
         self._to_map: Callable[[Tensor, tuple[int, int]], Tensor] | None = None
+        if output_norm not in OUTPUT_NORMS:
+            raise BackboneError(f"unknown backbone.output_norm {output_norm!r} (valid: {', '.join(OUTPUT_NORMS)})")
+        self.output_norm = output_norm
+        normed = {"none": [], "last": [len(self.levels) - 1], "all": list(range(len(self.levels)))}[output_norm]
+        # a LayerNorm over the channels of each normalised level (index i: output level i)
+        self.output_norms = nn.ModuleDict({str(i): nn.LayerNorm(self.channels[i], eps=output_norm_eps) for i in normed})
 
     def __getstate__(self) -> dict[str, Any]:
         # the stage plan holds closures over this instance's modules: a copy must build its own
@@ -151,6 +168,9 @@ class Backbone(nn.Module):
         out = [out[i] for i in self.levels]
         if self.nhwc:
             out = [o.permute(0, 3, 1, 2) for o in out]
+        for key, norm in self.output_norms.items():
+            i = int(key)
+            out[i] = norm(out[i].permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return out
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -204,6 +224,8 @@ class Backbone(nn.Module):
         """Split the model into stages (BackboneError for architectures that cannot be split)."""
         if self._plan is not None:
             return
+        if self.output_norms:
+            raise BackboneError(f"backbone {self.name!r} with output_norm={self.output_norm!r} cannot be run stage by stage")
         body = self.body
         if isinstance(body, FeatureDictNet):
             self._plan, self._to_map = self._plan_module_list(body)
@@ -312,6 +334,8 @@ def create_backbone(
     channels_last: bool = False,
     grad_checkpointing: bool = False,
     min_stride: int = DEFAULT_MIN_STRIDE,
+    output_norm: str = "none",
+    output_norm_eps: float = 1e-6,
     **kwargs: Any,
 ) -> Backbone:
     """Build timm model `name` as a multi-scale `Backbone`.
@@ -326,6 +350,9 @@ def create_backbone(
         drop_path_rate: stochastic depth rate, for models that take one.
         channels_last: run the backbone in channels-last memory format.
         grad_checkpointing: recompute activations in the backward pass.
+        output_norm: "none", "last" or "all": LayerNorms (eps `output_norm_eps`) on the returned
+            levels (see OUTPUT_NORMS). With "last" on a ViT and a weights file, the last level's norm
+            starts from the file's final norm (`norm.weight`, `norm.bias`).
         **kwargs: further timm model arguments (e.g. img_size, depth, dynamic_img_size).
     """
     check_backbone_name(name)
@@ -364,7 +391,27 @@ def create_backbone(
         levels = [i for i, s in enumerate(strides) if s >= min_stride] or [len(strides) - 1]
     else:
         levels = list(range(len(strides)))
-    backbone = Backbone(body, name, levels=levels, channels_last=channels_last)
+    backbone = Backbone(body, name, levels=levels, channels_last=channels_last, output_norm=output_norm,
+                        output_norm_eps=output_norm_eps)
+    if output_norm == "last" and weights is not None:
+        _load_final_norm(backbone, file)
     if grad_checkpointing:
         backbone.set_grad_checkpointing(True)
     return backbone
+
+
+def _load_final_norm(backbone: Backbone, file: Path) -> None:
+    """The last level's output norm from the weights file's final norm, when the file has one that fits."""
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(file))
+    else:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+    norm = backbone.output_norms[str(len(backbone.levels) - 1)]
+    found = {k: state.get(f"norm.{k}") for k in ("weight", "bias")}
+    if all(isinstance(v, Tensor) and v.shape == norm.weight.shape for v in found.values()):
+        with torch.no_grad():
+            norm.weight.copy_(found["weight"])
+            norm.bias.copy_(found["bias"])

@@ -27,7 +27,9 @@ class BackboneConfig:
     """The timm backbone (see `mtvision.models.backbones.create_backbone`).
 
     name: timm architecture; out_indices: timm feature indices (None: timm's levels of stride >= 4);
-    weights: local weights file; pretrained: require weights; kwargs: further timm arguments.
+    weights: local weights file; pretrained: require weights; kwargs: further timm arguments;
+    output_norm: "none", "last" (a LayerNorm on the last level: a ViT's final norm) or "all" (one on
+    every level, as mmseg's Swin); output_norm_eps: their epsilon.
     """
 
     name: str = "resnet18"
@@ -37,6 +39,8 @@ class BackboneConfig:
     drop_path_rate: float | None = None
     channels_last: bool = False
     grad_checkpointing: bool = False
+    output_norm: str = "none"
+    output_norm_eps: float = 1e-6
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 

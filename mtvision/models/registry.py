@@ -90,6 +90,8 @@ def build_model(config: ModelConfig) -> MultiTaskModel:
         drop_path_rate=b.drop_path_rate,
         channels_last=b.channels_last,
         grad_checkpointing=b.grad_checkpointing,
+        output_norm=b.output_norm,
+        output_norm_eps=b.output_norm_eps,
         **b.kwargs,
     )
     decoder = builder(make_backbone, tasks, **config.decoder_options)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtvision.config import ExperimentConfig, from_dict
+from mtvision.config import ConfigError, ExperimentConfig, from_dict
 from mtvision.engine.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
 from mtvision.engine.run_folder import RunFolderError
 from mtvision.engine.trainer import TrainingError, train
@@ -244,3 +244,19 @@ def test_evaluation_images_larger_than_the_pad_size_fail_at_start_up():
     with pytest.raises(DatasetError, match="validation images are 40x48, larger than .* 32x40"):
         _check_eval_size(SyntheticScenes(2, 40, 48), 32, 40, "validation")
     _check_eval_size(SyntheticScenes(2, 32, 40), 32, 40, "validation")
+
+
+def test_select_last_without_validation_reports_the_final_weights(tmp_path, capsys):
+    """The releases' protocol: train on the whole training split, report the last iteration."""
+    out = tmp_path / "run"
+    cfg = tiny_config(out, data={"val_split": None}, train={"iterations": 4, "eval_interval": 2, "select": "last"})
+    result = train(cfg, device="cpu")
+    assert result.best_step is None and not (out / "checkpoints" / "best.json").exists()
+    assert "test split (last iteration (train.select: last))" in capsys.readouterr().out
+    from mtvision.models.pretrained import load_model
+
+    exported = load_model(out / "model").state_dict()
+    last = final_weights(out)  # the step-4 checkpoint
+    assert exported.keys() == last.keys() and all(torch.equal(exported[k], last[k]) for k in last)
+    with pytest.raises(ConfigError, match="train.select 'best' needs a validation split"):
+        tiny_config(tmp_path / "x", data={"val_split": None}).validate()

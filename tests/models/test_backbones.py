@@ -204,3 +204,47 @@ def test_gradient_checkpointing_gives_the_same_gradients(spec):
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for k in grads[0]:
         assert torch.allclose(grads[0][k], grads[1][k], atol=1e-5), k
+
+
+def test_output_norm_last_is_the_vits_own_final_norm_from_the_weights_file(tmp_path):
+    torch.manual_seed(0)
+    full = timm.create_model("test_vit", img_size=64, dynamic_img_size=True).eval()
+    with torch.no_grad():
+        full.norm.weight.normal_()
+        full.norm.bias.normal_()
+    path = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in full.state_dict().items()}, str(path))
+    backbone = create_backbone("test_vit", weights=path, img_size=64, dynamic_img_size=True, output_norm="last").eval()
+    assert list(backbone.output_norms) == [str(len(backbone.levels) - 1)]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        got = backbone(x)
+        last = full.forward_intermediates(x, indices=[int(backbone.body.out_indices[-1])], norm=True, intermediates_only=True)[-1]
+        plain = create_backbone("test_vit", weights=path, img_size=64, dynamic_img_size=True).eval()(x)
+    torch.testing.assert_close(got[-1], last, atol=1e-5, rtol=1e-5)  # timm's own normed last level
+    assert not torch.allclose(plain[-1], last, atol=1e-3)  # without the option it is missing
+    for a, b in zip(got[:-1], plain[:-1]):  # the other levels are untouched
+        torch.testing.assert_close(a, b)
+
+
+def test_output_norm_all_is_a_channel_layer_norm_on_every_level():
+    torch.manual_seed(0)
+    backbone = create_backbone("test_resnet", output_norm="all", output_norm_eps=1e-5).eval()
+    plain = create_backbone("test_resnet").eval()
+    plain.load_state_dict({k: v for k, v in backbone.state_dict().items() if not k.startswith("output_norms.")})
+    with torch.no_grad():
+        for n in backbone.output_norms.values():
+            n.weight.normal_()
+            n.bias.normal_()
+        x = torch.randn(1, 3, 64, 64)
+        got, raw = backbone(x), plain(x)
+    assert len(backbone.output_norms) == len(raw)
+    for i, (g, r) in enumerate(zip(got, raw)):
+        n = backbone.output_norms[str(i)]
+        mean, var = r.mean(1, keepdim=True), r.var(1, unbiased=False, keepdim=True)
+        want = (r - mean) / torch.sqrt(var + 1e-5) * n.weight.view(1, -1, 1, 1) + n.bias.view(1, -1, 1, 1)
+        torch.testing.assert_close(g, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(BackboneError, match="stage by stage"):
+        backbone.forward_staged(x)
+    with pytest.raises(BackboneError, match="output_norm"):
+        create_backbone("test_resnet", output_norm="every")
