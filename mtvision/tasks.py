@@ -34,44 +34,88 @@ EDGE_POS_WEIGHT = 0.95
 
 
 # ---------------------------------------------------------------- losses
+# Each loss is a mean over a task's valid pixels: a per-pixel loss map and a validity mask.  A step
+# over several micro-batches or ranks can then divide the summed loss by the valid-pixel count of the
+# whole step (`MultiTaskObjective`), so that the loss does not depend on how the batch was split.
+# Nothing here reads a value back from the device.
+
+
+def masked_mean(pixel_loss: Tensor, valid: Tensor) -> Tensor:
+    """Mean of `pixel_loss` over `valid`, and 0 (with a gradient path) when nothing is valid."""
+    total = torch.where(valid, pixel_loss, torch.zeros_like(pixel_loss)).sum()
+    return total / valid.sum().clamp_min(1).to(total.dtype)
+
+
+def label_valid(target: Tensor) -> Tensor:
+    """Pixels of a label map (or an edge map) whose value is not 255."""
+    return target != IGNORE_INDEX
+
+
+def depth_valid(target: Tensor) -> Tensor:
+    """Pixels with a depth (target > 0)."""
+    return target > 0
+
+
+def normals_valid(target: Tensor) -> Tensor:
+    """Pixels whose normal is not the zero vector (N x H x W)."""
+    return target.abs().sum(dim=1) > 0
+
+
+def all_valid(target: Tensor) -> Tensor:
+    """Every pixel."""
+    return torch.ones_like(target, dtype=torch.bool)
+
+
+def segmentation_pixels(pred: Tensor, target: Tensor) -> Tensor:
+    """Per-pixel cross-entropy over classes (0 where the label is 255)."""
+    return F.cross_entropy(pred, target.long(), ignore_index=IGNORE_INDEX, reduction="none")
+
+
+def depth_pixels(pred: Tensor, target: Tensor) -> Tensor:
+    """Per-pixel L1."""
+    return (pred - target).abs()
+
+
+def normals_pixels(pred: Tensor, target: Tensor) -> Tensor:
+    """Per-pixel 1 - cos(angle) between the L2-normalised prediction and gt (N x H x W)."""
+    return 1.0 - (F.normalize(pred, dim=1) * target).sum(dim=1)
+
+
+def balanced_edge_pixels(pred: Tensor, target: Tensor, pos_weight: float = EDGE_POS_WEIGHT) -> Tensor:
+    """Per-pixel balanced BCE on logits: w on positives, 1 - w on negatives (w = 0.95)."""
+    y = torch.where(target != IGNORE_INDEX, target, torch.zeros_like(target))
+    weight = torch.where(y > 0.5, torch.full_like(y, pos_weight), torch.full_like(y, 1.0 - pos_weight))
+    return F.binary_cross_entropy_with_logits(pred, y, weight=weight, reduction="none")
+
+
+def saliency_pixels(pred: Tensor, target: Tensor) -> Tensor:
+    """Per-pixel binary cross-entropy on logits."""
+    return F.binary_cross_entropy_with_logits(pred, target.float(), reduction="none")
+
+
 def segmentation_loss(pred: Tensor, target: Tensor) -> Tensor:
     """Cross-entropy over classes, ignoring label 255."""
-    if not bool((target != IGNORE_INDEX).any()):
-        return pred.sum() * 0.0
-    return F.cross_entropy(pred, target.long(), ignore_index=IGNORE_INDEX)
+    return masked_mean(segmentation_pixels(pred, target), label_valid(target))
 
 
 def depth_loss(pred: Tensor, target: Tensor) -> Tensor:
     """L1 over pixels with valid depth (target > 0)."""
-    valid = target > 0
-    if not bool(valid.any()):
-        return pred.sum() * 0.0
-    return (pred[valid] - target[valid]).abs().mean()
+    return masked_mean(depth_pixels(pred, target), depth_valid(target))
 
 
 def normals_loss(pred: Tensor, target: Tensor) -> Tensor:
     """Mean of 1 - cos(angle) between L2-normalised prediction and gt, over pixels with non-zero gt."""
-    valid = target.abs().sum(dim=1) > 0
-    if not bool(valid.any()):
-        return pred.sum() * 0.0
-    cos = (F.normalize(pred, dim=1) * target).sum(dim=1)
-    return (1.0 - cos[valid]).mean()
+    return masked_mean(normals_pixels(pred, target), normals_valid(target))
 
 
 def balanced_edge_loss(pred: Tensor, target: Tensor, pos_weight: float = EDGE_POS_WEIGHT) -> Tensor:
     """Balanced BCE on logits: w * positives + (1 - w) * negatives, w = 0.95, mean over non-ignored pixels."""
-    valid = target != IGNORE_INDEX
-    if not bool(valid.any()):
-        return pred.sum() * 0.0
-    y = torch.where(valid, target, torch.zeros_like(target))
-    weight = torch.where(y > 0.5, torch.full_like(y, pos_weight), torch.full_like(y, 1.0 - pos_weight))
-    per_pixel = F.binary_cross_entropy_with_logits(pred, y, weight=weight, reduction="none")
-    return per_pixel[valid].mean()
+    return masked_mean(balanced_edge_pixels(pred, target, pos_weight), label_valid(target))
 
 
 def saliency_loss(pred: Tensor, target: Tensor) -> Tensor:
     """Binary cross-entropy on logits."""
-    return F.binary_cross_entropy_with_logits(pred, target.float())
+    return masked_mean(saliency_pixels(pred, target), all_valid(target))
 
 
 # ---------------------------------------------------------------- decoding
@@ -146,7 +190,8 @@ class Task:
     Attributes:
         name: registry key, also the key in samples, batches and model outputs.
         out_channels: channels of the head's raw output (classes for label tasks).
-        loss: (raw output, target batch) -> scalar loss.
+        pixel_loss: (raw output, target batch) -> per-pixel loss map.
+        valid: target batch -> mask of the pixels the loss averages over (`loss`: that mean).
         decode: raw output -> prediction (class map, metres, unit normals, probabilities).
         colorize: one decoded prediction or target (numpy) -> H x W x 3 uint8.
         new_meter_fn: (task, **dataset_info) -> streaming meter for this task.
@@ -160,7 +205,8 @@ class Task:
 
     name: str
     out_channels: int
-    loss: Callable[[Tensor, Tensor], Tensor]
+    pixel_loss: Callable[[Tensor, Tensor], Tensor]
+    valid: Callable[[Tensor], Tensor]
     decode: Callable[[Tensor], Tensor]
     colorize: Callable[[np.ndarray], np.ndarray]
     new_meter_fn: Callable[..., Any]
@@ -170,6 +216,17 @@ class Task:
     pad_value: float
     flip_fn: Callable[[np.ndarray], np.ndarray] | None = None
     scale_fn: Callable[[np.ndarray, float], np.ndarray] | None = None
+
+    def loss(self, pred: Tensor, target: Tensor, count: Tensor | None = None) -> Tensor:
+        """The loss summed over the valid pixels of `target`, divided by their number, or by `count`
+        when given (the valid-pixel count of a whole step, see `valid_count`)."""
+        valid = self.valid(target)
+        total = torch.where(valid, self.pixel_loss(pred, target), torch.zeros((), device=pred.device, dtype=pred.dtype)).sum()
+        return total / (valid.sum() if count is None else count).clamp_min(1).to(total.dtype)
+
+    def valid_count(self, target: Tensor) -> Tensor:
+        """The number of pixels of `target` the loss averages over (a device tensor)."""
+        return self.valid(target).sum()
 
     def new_meter(self, **dataset_info: Any):
         """A fresh streaming meter (dataset_info: e.g. boundary_tolerance=0.011)."""
@@ -189,7 +246,8 @@ def _class_map_task(name: str, num_classes: int) -> Task:
     return Task(
         name=name,
         out_channels=num_classes,
-        loss=segmentation_loss,
+        pixel_loss=segmentation_pixels,
+        valid=label_valid,
         decode=argmax_decode,
         colorize=visualize.colorize_labels,
         new_meter_fn=_segmentation_meter,
@@ -207,7 +265,8 @@ TASKS: dict[str, Task] = {
         Task(
             name="depth",
             out_channels=1,
-            loss=depth_loss,
+            pixel_loss=depth_pixels,
+            valid=depth_valid,
             decode=depth_decode,
             colorize=visualize.colorize_depth,
             new_meter_fn=_depth_meter,
@@ -220,7 +279,8 @@ TASKS: dict[str, Task] = {
         Task(
             name="normals",
             out_channels=3,
-            loss=normals_loss,
+            pixel_loss=normals_pixels,
+            valid=normals_valid,
             decode=normals_decode,
             colorize=visualize.colorize_normals,
             new_meter_fn=_normals_meter,
@@ -233,7 +293,8 @@ TASKS: dict[str, Task] = {
         Task(
             name="edge",
             out_channels=1,
-            loss=balanced_edge_loss,
+            pixel_loss=balanced_edge_pixels,
+            valid=label_valid,
             decode=sigmoid_decode,
             colorize=visualize.colorize_probability,
             new_meter_fn=_boundary_meter,
@@ -246,7 +307,8 @@ TASKS: dict[str, Task] = {
         Task(
             name="saliency",
             out_channels=1,
-            loss=saliency_loss,
+            pixel_loss=saliency_pixels,
+            valid=all_valid,
             decode=sigmoid_decode,
             colorize=visualize.colorize_probability,
             new_meter_fn=_saliency_meter,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mtvision.cli.common import run_config_command
+from mtvision.cli.common import parse, run_command
 
 EXAMPLE = "mtv-convert invpt InvPT_nyud_vitl.pth.tar --dataset nyud --out models/invpt_nyud"
 
@@ -19,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mtv-convert",
         description="Convert a released checkpoint into an mtvision pretrained folder (config.json + model.safetensors). "
         "The file is read with torch.load(weights_only=True): nothing in it is executed.",
-        epilog=f"example: {EXAMPLE}",
+        epilog=f"example: {EXAMPLE}\nexit codes: 0 done, 2 bad arguments or an unfit checkpoint, 1 runtime failure",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("format", choices=sorted(FORMATS), help="the model the checkpoint was released for")
     parser.add_argument("checkpoint", help="the released .pth / .pth.tar file")
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser(), argv)
     from mtvision.convert import convert_checkpoint
 
     def run() -> None:
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         out = convert_checkpoint(args.format, args.checkpoint, args.dataset, args.out, input_size=size, backbone=args.backbone)
         print(f"pretrained model: {out}  (mtvision.load({str(out)!r}); mtv-eval {out} --config CONFIG)")
 
-    return run_config_command("mtv-convert", [], "", run)
+    return run_command("mtv-convert", run)
 
 
 if __name__ == "__main__":

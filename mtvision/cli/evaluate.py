@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from mtvision.cli.common import parse, run_command
 from mtvision.errors import MTVisionError
 
 
@@ -16,6 +17,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mtv-eval",
         description="Evaluate a trained model. TARGET is a run folder (config.yaml + model/), a pretrained folder "
         "(config.json + model.safetensors; give --config for the data) or a checkpoint folder under a run.",
+        epilog="examples:\n  mtv-eval runs/synthetic_hps_resnet18 --split test --predictions runs/preds\n"
+        "  mtv-eval models/invpt_nyud --config configs/nyud/invpt_vitl16_448x576.yaml data.root=/data/NYUDv2\n"
+        "exit codes: 0 done, 2 bad arguments or config, 1 runtime failure",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("target", type=Path, help="run folder, pretrained folder or checkpoint folder")
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the experiment config, e.g. data.root=/data/NYUDv2")
@@ -37,14 +42,11 @@ def _find_run_config(target: Path) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser(), argv)
     from mtvision import distributed as dist
 
     try:
-        return _run(args)
-    except (MTVisionError, FileNotFoundError) as exc:
-        print(f"mtv-eval: {exc}", file=sys.stderr)
-        return 2
+        return run_command("mtv-eval", lambda: _run(args), args.overrides, "data.root=/data/NYUDv2")
     finally:
         dist.cleanup()
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mtvision.cli.common import run_config_command
+from mtvision.cli.common import parse, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,6 +15,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mtv-search",
         description="Search which backbone stages the tasks share, from a YAML search config (see configs/search/). "
         "Multi-GPU: torchrun --nproc_per_node=N tools/search.py CONFIG",
+        epilog="example: mtv-search configs/search/bmtas_resnet18_synthetic.yaml search.epochs=4 --overwrite\n"
+        "exit codes: 0 done, 2 bad arguments or config, 1 runtime failure, 130 force-quit",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("config", help="search YAML (see configs/search/)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. search.epochs=5 search.target_flops=2e9")
@@ -24,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser(), argv)
     from mtvision.config import load_config
     from mtvision.search.config import SearchConfig
     from mtvision.search.runner import search
@@ -33,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(SearchConfig, args.config, args.overrides)
         search(cfg, overwrite=args.overwrite, device=args.device)
 
-    return run_config_command("mtv-search", args.overrides, "search.epochs=5", run)
+    return run_command("mtv-search", run, args.overrides, "search.epochs=5")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -198,13 +199,18 @@ def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def worker_init_fn(worker_id: int) -> None:
-    """Seed numpy's and python's global RNGs in a DataLoader worker from torch's per-worker seed.
+    """Prepare a DataLoader worker: it ignores SIGTERM and SIGINT, and its numpy and python RNGs
+    are seeded from torch's per-worker seed.
 
-    The DataLoader seeds torch with `base_seed + worker_id` (and its own derivation of numpy and
-    `random`); this makes numpy and `random` an explicit function of that torch seed, so a
+    Schedulers (Slurm, Kubernetes) and torchrun stop a job by signalling its whole process group:
+    the workers leave the stop to the main process, which saves a checkpoint and shuts them down
+    (a worker killed by the signal would crash the run instead).  The DataLoader seeds torch with
+    `base_seed + worker_id`; numpy and `random` become an explicit function of that seed, so a
     worker's random stream can be replayed from `torch.initial_seed()` alone.  (OpenCV threading
     is off in every process: see `mtvision.cv`.)
     """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     seed = torch.initial_seed()
     np.random.seed(np.random.SeedSequence(seed).generate_state(4))
     random.seed(seed)

@@ -187,7 +187,12 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
         text = (json.dumps(manifest, indent=1) + "\n").encode("utf-8")
         _write_file(folder / MANIFEST_FILE, lambda fh: fh.write(text))
 
-    return atomic_write_folder(path, fill)
+    try:
+        return atomic_write_folder(path, fill)
+    except OSError as exc:
+        if exc.filename is None:  # a write that failed inside torch.save: name the checkpoint
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mtvision import distributed as dist
 from mtvision.tasks import Task
 
 
@@ -39,6 +40,7 @@ def evaluate(
 ) -> dict[str, dict[str, float]]:
     """Metrics per task over every batch, all-reduced across processes when distributed.
 
+    `progress`: a `Progress` advanced by one step and the batch's images (all ranks) per batch.
     Padding (bottom/right, recorded in `meta['valid_size']`) is cropped away before scoring.
     """
     was_training = model.training
@@ -59,7 +61,7 @@ def evaluate(
             for i, (h, w) in enumerate(sizes):
                 meters[name].update(pred[i : i + 1, ..., :h, :w], target[i : i + 1, ..., :h, :w])
         if progress is not None:
-            progress.update(1)
+            progress.update(1, images=images.shape[0] * dist.world_size())
     for meter in meters.values():
         meter.all_reduce()
     model.train(was_training)

@@ -25,7 +25,11 @@ Each method's special case lives with the method and is called from `step`:
   one set of weights), with the epoch kept in `state_dict`;
 - GradNorm: the model output's shared representation (or the last shared parameter).
 
-Per step, the ranks agree on everything in one small all-reduce: whether any rank saw a non-finite
+Losses are pixel means over the whole step: each task's summed loss is divided by the valid-pixel
+count of all the step's micro-batches on all ranks (`step_counts`, one small all-reduce before the
+forwards under DDP), so 2 ranks x batch B/2, or 2 accumulated micro-batches, give the loss of one
+batch of B even when random scaling and padding leave different samples with different numbers of
+valid pixels.  After the backward passes the ranks agree on everything else in one small all-reduce: whether any rank saw a non-finite
 loss (then every rank skips the step and puts the weighting's state back as it was before the step,
 so that RLW's draws, DWA's sums and FAMO's pending losses stay equal on every rank), whether any rank
 was asked to stop, and which parameters hold gradients.  With a calibrator, the model runs under
@@ -70,21 +74,38 @@ def compute_losses(
     tasks: Mapping[str, Task],
     deep_supervision: Mapping[str, Sequence[Tensor]] | None = None,
     aux_weight: float = 1.0,
+    counts: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Each task's loss on its prediction; each deep-supervision prediction of a task (resized to the
-    target) adds `aux_weight` x its loss to the same task's entry."""
+    target) adds `aux_weight` x its loss to the same task's entry.  `counts[task]`: divide the summed
+    loss by this instead of the batch's own valid-pixel count (see `step_counts`)."""
     losses: dict[str, Tensor] = {}
+    count_of = counts or {}
     for name, task in tasks.items():
         if name not in predictions:
             continue
-        target = targets[name]
-        loss = task.loss(predictions[name].float(), target)
+        target, count = targets[name], count_of.get(name)
+        loss = task.loss(predictions[name].float(), target, count)
         for pred in (deep_supervision or {}).get(name, []):
             if pred.shape[-2:] != target.shape[-2:]:
                 pred = torch.nn.functional.interpolate(pred, size=target.shape[-2:], mode="bilinear", align_corners=False)
-            loss = loss + aux_weight * task.loss(pred.float(), target)
+            loss = loss + aux_weight * task.loss(pred.float(), target, count)
         losses[name] = loss
     return losses
+
+
+def step_counts(tasks: Mapping[str, Task], targets: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """Per task, the valid-pixel count of a whole step (all micro-batches, all ranks: one all-reduce
+    under DDP) divided by (micro-batches x ranks): the divisor that makes each micro-batch's loss the
+    step's pixel mean scaled to one micro-batch, so that accumulating micro-batches, or averaging
+    DDP ranks, gives the loss of one batch of all the step's samples whatever their valid pixels."""
+    names = list(tasks)
+    total = torch.stack([sum(tasks[t].valid_count(batch[t]) for batch in targets) for t in names]).double()
+    world = dist.world_size()
+    if world > 1:
+        dist.all_reduce_sum_(total)
+    total = total / (len(targets) * world)
+    return dict(zip(names, total.unbind()))
 
 
 @dataclass
@@ -175,14 +196,15 @@ class MultiTaskObjective:
         sums: dict[str, dict[str, Tensor]] = {"losses": {}, "regularizers": {}, "stats": {}}
         total_sum, kept, images = None, [], 0
         scaler = self.scaler if self.scaler is not None and self.scaler.is_enabled() else None
-        for i, batch in enumerate(batches):
-            x, targets = self._inputs(batch)
+        inputs = [self._inputs(batch) for batch in batches]
+        counts = step_counts(self.tasks, [targets for _, targets in inputs])
+        for i, (x, targets) in enumerate(inputs):
             last = i == len(batches) - 1
             sync = not ddp or (not self.manual_sync and last)
             with (contextlib.nullcontext() if sync else model.no_sync()), autocast_context(self.device, self.amp):
                 output = model(x)
-            losses = compute_losses(output.predictions, targets, self.tasks, output.deep_supervision)
-            recompute = self._recompute(x, targets) if self.needs_recompute else None
+            losses = compute_losses(output.predictions, targets, self.tasks, output.deep_supervision, counts=counts)
+            recompute = self._recompute(x, targets, counts) if self.needs_recompute else None
             total = self.backward(losses, output, step, scale=1.0 / len(batches), scaler=scaler, recompute=recompute)
             total_sum = total if total_sum is None else total_sum + total
             for kind, values in (("losses", losses), ("regularizers", output.regularizers), ("stats", output.stats)):
@@ -212,13 +234,13 @@ class MultiTaskObjective:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, {t: batch[t].to(self.device, non_blocking=True) for t in self.tasks}
 
-    def _recompute(self, images: Tensor, targets: Mapping[str, Tensor]) -> Callable[[str], Tensor]:
+    def _recompute(self, images: Tensor, targets: Mapping[str, Tensor], counts: Mapping[str, Tensor]) -> Callable[[str], Tensor]:
         """recompute(task): `task`'s loss from a fresh forward of this micro-batch that runs only its path."""
 
         def recompute(task: str) -> Tensor:
             with autocast_context(self.device, self.amp):
                 out = self.core(images, tasks=[task])
-            return compute_losses(out.predictions, targets, {task: self.tasks[task]}, out.deep_supervision)[task]
+            return compute_losses(out.predictions, targets, {task: self.tasks[task]}, out.deep_supervision, counts=counts)[task]
 
         return recompute
 
@@ -256,10 +278,11 @@ class MultiTaskObjective:
         """The step's per-task losses from the updated model (train mode, as FAMO's code does),
         averaged over its micro-batches."""
         sums: dict[str, Tensor] = {}
+        counts = step_counts(self.tasks, [targets for _, targets in kept])
         for images, targets in kept:
             with autocast_context(self.device, self.amp):
                 out = self.core(images)
-            for t, v in compute_losses(out.predictions, targets, self.tasks).items():
+            for t, v in compute_losses(out.predictions, targets, self.tasks, counts=counts).items():
                 sums[t] = sums.get(t, 0.0) + v.float() / len(kept)
         return sums
 

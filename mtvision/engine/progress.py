@@ -75,6 +75,7 @@ class Progress:
         images_per_step: images in one step (the batch size), for the img/s figure.
         window: number of recent updates the moving rate is computed over.
         clock: monotonic time source in seconds (injectable for tests).
+        initial: steps already done (a resumed run): counted in the position, not in the rate.
     """
 
     def __init__(
@@ -89,6 +90,7 @@ class Progress:
         images_per_step: int = 1,
         window: int = 50,
         clock: Callable[[], float] = time.monotonic,
+        initial: int = 0,
     ) -> None:
         if total < 0:
             raise MTVisionError(f"progress total must be >= 0, got {total}")
@@ -101,18 +103,20 @@ class Progress:
         self.stream = stream if stream is not None else sys.stderr
         self.images_per_step = images_per_step
         self.clock = clock
-        self.count = 0
+        if not 0 <= initial <= total:
+            raise MTVisionError(f"progress initial must be in [0, total={total}], got {initial}")
+        self.count = initial
         self.images = 0
         self.postfix: dict[str, Any] = {}
         self.mode = resolve_mode(mode, self.stream)
-        self._history: deque[tuple[float, int, int]] = deque([(clock(), 0, 0)], maxlen=window + 1)
-        self._printed_count = 0
+        self._history: deque[tuple[float, int, int]] = deque([(clock(), initial, 0)], maxlen=window + 1)
+        self._printed_count = initial
         self._closed = False
         self._bar = None
         if enabled and self.mode == "tqdm":
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total, desc=desc, file=self.stream, dynamic_ncols=True, leave=True)
+            self._bar = tqdm(total=total, initial=initial, desc=desc, file=self.stream, dynamic_ncols=True, leave=True)
 
     # ------------------------------------------------------------ rates
     def steps_per_second(self) -> float:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +30,7 @@ from mtvision.engine.evaluator import evaluate, predict_panels
 from mtvision.engine.loggers import LoggerGroup, PredictionPanel, build_loggers, colour_pair, format_metrics_table
 from mtvision.engine.objective import MultiTaskObjective, build_objective, check_objective
 from mtvision.engine.progress import Progress
-from mtvision.engine.run_folder import RunFolderError, check_output_dir, prepare_output_dir
+from mtvision.engine.run_folder import RunFolderError, RunLock, check_output_dir, check_writable, prepare_output_dir
 from mtvision.engine.schedule import WarmupSchedule
 from mtvision.engine.selection import Selector
 from mtvision.engine.window import LogWindow
@@ -95,7 +97,11 @@ def base_learning_rates(optimizer: torch.optim.Optimizer, cfg: ExperimentConfig)
 
 
 def make_schedule(o: OptimConfig, steps: int) -> WarmupSchedule:
-    """The LR factor schedule of a run of `steps` optimizer steps: `schedule(step)`."""
+    """The LR factor schedule of a run of `steps` optimizer steps: `schedule(step)` (a warm-up
+    longer than the run is cut to the run, with a warning)."""
+    if o.warmup_iters > steps:
+        warnings.warn(f"optim.warmup_iters={o.warmup_iters} is longer than the run ({steps} steps): the warm-up "
+                      f"is cut to {steps} steps, so the peak learning rate is reached only at the end", stacklevel=2)
     return WarmupSchedule(steps, o.schedule, min(o.warmup_iters, steps), o.warmup_ratio, o.poly_power, o.min_lr / o.lr)
 
 
@@ -113,7 +119,8 @@ def total_steps(cfg: ExperimentConfig, batches_per_epoch: int) -> tuple[int, int
 
 
 class StopSignal:
-    """Turns SIGTERM / SIGINT into a flag the loop checks after each step (main thread only)."""
+    """Turns SIGTERM / SIGINT into a flag the loop checks after each step (main thread only); a
+    second Ctrl-C (or signal) while the stop is pending force-quits at once (KeyboardInterrupt)."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -128,7 +135,11 @@ class StopSignal:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt(f"signal {signal.Signals(signum).name} while stopping: force-quit")
         self.requested = True
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+              "(send it again to quit at once, without saving)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
@@ -212,6 +223,11 @@ class Run:
             group["lr"] = base * factor
         return self.base_lrs[0] * factor
 
+    def eval_progress(self, loader, desc: str) -> Progress:
+        """A progress bar (main process only) over an evaluation loader."""
+        return Progress(len(loader), desc, mode=self.cfg.logging.console, interval=max(1, len(loader) // 4),
+                        enabled=self.info.is_main)
+
     def validate(self) -> None:
         """Score the validation split, log it, pictures, and a checkpoint (marked best when it is);
         without a validation split, only the checkpoint."""
@@ -222,7 +238,8 @@ class Run:
         if info.is_distributed:  # ranks' BatchNorm running stats drift apart: score rank 0's, the one saved
             for buffer in core.buffers():
                 torch.distributed.broadcast(buffer, src=0)
-        self.val_metrics = evaluate(core, self.data.val, core.tasks, self.data.meter_info, info.device, cfg.train.amp)
+        with self.eval_progress(self.data.val, "validation") as bar:
+            self.val_metrics = evaluate(core, self.data.val, core.tasks, self.data.meter_info, info.device, cfg.train.amp, bar)
         score, best = self.selector.update(self.val_metrics, self.step)
         values = {f"val/{t}/{k}": v for t, m in self.val_metrics.items() for k, v in m.items()}
         self.loggers.log_scalars({**values, "val/score": score}, self.step)
@@ -233,11 +250,16 @@ class Run:
         self.save(is_best=best)
 
 
-def setup_run(cfg: ExperimentConfig, info: dist.DistInfo, resume: bool, overwrite: bool, closing: contextlib.ExitStack) -> Run:
+def setup_run(
+    cfg: ExperimentConfig, info: dist.DistInfo, resume: bool | str | Path, overwrite: bool, closing: contextlib.ExitStack
+) -> Run:
     """Data, model, objective, optimizer, checkpoints and loggers of a run (resumed when asked).
     A bad dataset, model or method fails before the run folder is touched."""
     tc, o, dev = cfg.train, cfg.optim, info.device
-    check_output_dir(cfg.output_dir, resume, overwrite)  # fail before any work
+    if info.is_main:  # fail before any work: a folder that cannot be written, or in use by another run
+        check_writable(cfg.output_dir)
+        RunLock(cfg.output_dir).check()
+    check_output_dir(cfg.output_dir, bool(resume), overwrite)
     dist.seed_everything(tc.seed, 0, tc.deterministic)  # identical initial weights on every rank
     pre = cfg.model.preprocess
     data = build_run_data(cfg.data, tc.batch_size, pre.mean, pre.std, info.rank, info.world_size)
@@ -245,13 +267,17 @@ def setup_run(cfg: ExperimentConfig, info: dist.DistInfo, resume: bool, overwrit
     core = create_model(model_cfg).to(dev)
     check_objective(cfg.data.tasks, o.weighting.method, o.weighting.options, o.calibration.method,
                     o.calibration.level, o.calibration.options, o.calibration.sam_rho)
-    out = prepare_output_dir(cfg.output_dir, resume, overwrite, info.is_main)
+    out = prepare_output_dir(cfg.output_dir, bool(resume), overwrite, info.is_main)
+    if info.is_main:  # checked at start-up; taken once the data and the model are built
+        lock = RunLock(out)
+        lock.acquire()
+        closing.callback(lock.release)
     ckpts = CheckpointManager(out, keep_last=tc.keep_last)
-    start = ckpts.latest() if resume else None
-    if resume and start is None:
+    start = ckpts.latest() if resume is True else (Path(resume) if resume else None)
+    if resume is True and start is None:
         raise RunFolderError(f"--resume: no checkpoint found under {out / 'checkpoints'}")
-    if info.is_main:
-        save_config(cfg, out / "config.yaml")
+    if start is not None and not start.is_dir():
+        raise RunFolderError(f"--resume {str(start)!r}: no such checkpoint folder (see {out / 'checkpoints'})")
     if tc.channels_last:
         core = core.to(memory_format=torch.channels_last)
     if tc.sync_bn and info.is_distributed and dev.type != "cuda":
@@ -274,20 +300,22 @@ def setup_run(cfg: ExperimentConfig, info: dist.DistInfo, resume: bool, overwrit
         model = nn.parallel.DistributedDataParallel(core, device_ids=[dev.index] if dev.type == "cuda" else None)
     if tc.compile:
         model = torch.compile(model)
-    loggers = build_loggers(
-        out, wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project, wandb_entity=cfg.logging.wandb_entity,
-        wandb_run_name=cfg.logging.wandb_run_name, wandb_tags=cfg.logging.wandb_tags, config=config_to_dict(cfg),
-        is_main_process=info.is_main,
-    )
-    closing.callback(loggers.close)
     run = Run(cfg, info, out, data, core, model, objective, optimizer, scaler, make_schedule(o, steps),
               base_learning_rates(optimizer, cfg), Selector(tc.select_metric, core.tasks, references=references),
-              ckpts, loggers, steps, steps_per_epoch)
+              ckpts, LoggerGroup(), steps, steps_per_epoch)
     if start is not None:
         run.restore(load_checkpoint(start))
     else:
         data.sampler.set_epoch(0)
         dist.seed_everything(tc.seed + 1, info.rank, tc.deterministic)  # per-rank training randomness
+    if info.is_main:  # only now: a resume that fails leaves the folder as it was
+        save_config(cfg, out / "config.yaml")
+    run.loggers = build_loggers(
+        out, wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project, wandb_entity=cfg.logging.wandb_entity,
+        wandb_run_name=cfg.logging.wandb_run_name, wandb_tags=cfg.logging.wandb_tags, config=config_to_dict(cfg),
+        is_main_process=info.is_main,
+    )
+    closing.callback(run.loggers.close)
     if info.is_main:
         print(f"mtvision: {cfg.data.dataset} {cfg.data.tasks} | {model_cfg.backbone.name} + {model_cfg.decoder} | "
               f"{steps} steps ({steps_per_epoch}/epoch) | {info.world_size} process(es) on {dev} | output {out}", flush=True)
@@ -298,12 +326,13 @@ def setup_run(cfg: ExperimentConfig, info: dist.DistInfo, resume: bool, overwrit
 def train(
     cfg: ExperimentConfig,
     *,
-    resume: bool = False,
+    resume: bool | str | Path = False,
     overwrite: bool = False,
     on_step: Callable[[int], None] | None = None,
     device: str = "auto",
 ) -> TrainResult:
-    """Run the experiment `cfg`; `on_step(step)` is called after every optimizer step (for tests)."""
+    """Run the experiment `cfg`; `resume`: True for the last checkpoint of `cfg.output_dir`, or a
+    checkpoint folder; `on_step(step)` is called after every optimizer step (for tests)."""
     cfg.validate()
     info = dist.init_distributed(device)
     try:
@@ -318,9 +347,8 @@ def _loop(run: Run, on_step: Callable[[int], None] | None, closing: contextlib.E
     log_every = cfg.logging.log_interval
     progress = closing.enter_context(Progress(
         run.steps, "train", mode=cfg.logging.console, interval=log_every, enabled=info.is_main,
-        images_per_step=tc.batch_size * tc.grad_accum * info.world_size,
+        images_per_step=tc.batch_size * tc.grad_accum * info.world_size, initial=run.step,
     ))
-    progress.update(run.step)
     batches = _batches(run.data, run.epoch)
     window = LogWindow()
     nonfinite_run, interrupted = 0, False
@@ -353,7 +381,7 @@ def _loop(run: Run, on_step: Callable[[int], None] | None, closing: contextlib.E
                 scalars.update({f"train/{k}": v for k, v in run.objective.consume_log().items()})
                 scalars.update({f"train/{k}": float(v) for k, v in run.core.state_scalars().items()})
                 run.loggers.log_scalars(scalars, run.step)
-                progress.update(0, loss=scalars.get("train/loss", float("nan")), lr=lr, **run.objective.progress_postfix())
+                progress.postfix.update(loss=scalars.get("train/loss", float("nan")), lr=lr, **run.objective.progress_postfix())
             progress.update(1)
             if on_step is not None:
                 on_step(run.step)
@@ -415,7 +443,8 @@ def _finish(run: Run) -> tuple[dict[str, dict[str, float]], Path]:
         which, alias = "last iteration: no validation gave a usable score, so no best checkpoint was chosen", "last"
     else:
         which, alias = "last iteration (train.select: last)", "last"
-    test_metrics = evaluate(core, run.data.test, core.tasks, run.data.meter_info, info.device, run.cfg.train.amp)
+    with run.eval_progress(run.data.test, "test") as bar:
+        test_metrics = evaluate(core, run.data.test, core.tasks, run.data.meter_info, info.device, run.cfg.train.amp, bar)
     pretrained = run.out / "model"
     if info.is_main:
         core.save_pretrained(pretrained)

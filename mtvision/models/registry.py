@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import os
@@ -10,7 +11,7 @@ from typing import Any
 
 from mtvision.errors import closest, unknown_name
 from mtvision.models.backbones import create_backbone
-from mtvision.models.config import ConfigError, ModelConfig
+from mtvision.models.config import BackboneConfig, ConfigError, ModelConfig
 from mtvision.models.decoders import CrossStitchDecoder, HPSDecoder, MultiTaskDecoder
 from mtvision.models.decoders.branched import BranchedDecoder
 from mtvision.models.decoders.invpt import CrossTaskAttentionDecoder
@@ -104,7 +105,8 @@ def create_model(
     """Build a multi-task model from a config (object, dict or YAML path) and/or keyword overrides.
 
     Keyword shortcuts: `backbone="resnet18"` sets the backbone name (a dict merges into the backbone
-    section), `tasks=["semseg", "depth"]` uses default class counts.  Example:
+    section), backbone options such as `pretrained=True` or `weights=...` go to the backbone section,
+    `tasks=["semseg", "depth"]` uses default class counts.  Example:
     `create_model(backbone="resnet18", decoder="hps", tasks={"semseg": 13, "depth": None})`.
     """
     if config is None:
@@ -117,8 +119,11 @@ def create_model(
         data = dict(config)
     else:
         raise ConfigError(f"create_model expects a ModelConfig, a mapping or a YAML path, got {type(config).__name__}")
+    backbone_options = {f.name for f in dataclasses.fields(BackboneConfig)} - {"name"}
     for key, value in kwargs.items():
-        if key == "backbone" and isinstance(value, str):
+        if key in backbone_options:  # create_model(pretrained=True): a backbone option
+            data["backbone"] = {**dict(data.get("backbone") or {}), key: value}
+        elif key == "backbone" and isinstance(value, str):
             data["backbone"] = {**dict(data.get("backbone") or {}), "name": value}
         elif key == "backbone" and isinstance(value, Mapping):
             data["backbone"] = {**dict(data.get("backbone") or {}), **value}

@@ -145,3 +145,15 @@ def test_tqdm_mode_shows_postfix_and_messages():
     assert "train" in text and "4/4" in text
     assert "loss 0.25 | lr 1.0e-02 | 4.0 img/s" in text
     assert "epoch done" in text
+
+
+def test_a_resumed_bar_starts_at_its_step_and_rates_only_new_work():
+    t = [0.0]
+    bar = Progress(100, "train", mode="plain", enabled=False, images_per_step=8, initial=60, clock=lambda: t[0])
+    assert bar.count == 60 and bar.images == 0
+    t[0] = 2.0
+    bar.update(4)
+    assert bar.steps_per_second() == pytest.approx(2.0) and bar.images_per_second() == pytest.approx(16.0)
+    assert bar.eta_seconds() == pytest.approx(36 / 2.0)
+    with pytest.raises(MTVisionError, match="initial"):
+        Progress(10, "x", initial=11)

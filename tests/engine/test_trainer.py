@@ -167,6 +167,55 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     train(cfg, device="cpu")
 
 
+def _ddp_worker_augmented(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(
+        {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world),
+         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    )
+    torch.set_num_threads(1)
+    train(tiny_config(Path(out), backbone="test_convnext", model=GROUP_NORM, data=DEFAULT_AUGMENTATION,
+                      train={"iterations": 3, "eval_interval": 3, "batch_size": 4, "deterministic": False}), device="cpu")
+
+
+# the default training augmentation: random scale 0.5-2 (with padding: samples differ in valid pixels),
+# crop, flip, photometric distortion
+DEFAULT_AUGMENTATION = {"scale_range": [0.5, 2.0]}
+
+
+def test_ddp_with_the_default_augmentation_matches_one_process_with_the_same_global_batch(tmp_path):
+    """Augmentation is seeded by (seed, epoch, sample index) and losses are pixel means over the
+    whole global batch, so the rank layout changes nothing (no batch norm: a LayerNorm backbone)."""
+    single = tiny_config(tmp_path / "single", backbone="test_convnext", model=GROUP_NORM, data=DEFAULT_AUGMENTATION,
+                         train={"iterations": 3, "eval_interval": 3, "batch_size": 8, "deterministic": False})
+    train(single, device="cpu")
+    ctx = torch.multiprocessing.start_processes(
+        _ddp_worker_augmented, args=(2, free_port(), str(tmp_path / "ddp")), nprocs=2, join=False, start_method="fork"
+    )
+    while not ctx.join(timeout=120):
+        pass
+    want, got = final_weights(tmp_path / "single"), final_weights(tmp_path / "ddp")
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5)
+    # and the logged losses are the global batch's (averaged over ranks), not rank 0's shard
+    import json
+
+    rows = [json.loads(line) for line in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    ddp_rows = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    a = [r["train/loss"] for r in rows if "train/loss" in r]
+    b = [r["train/loss"] for r in ddp_rows if "train/loss" in r]
+    assert len(a) == len(b) > 0 and a == pytest.approx(b, rel=1e-4)
+
+
+def test_gradient_accumulation_with_the_default_augmentation_equals_the_larger_batch(tmp_path):
+    big = tiny_config(tmp_path / "big", backbone="test_convnext", model=GROUP_NORM, data=DEFAULT_AUGMENTATION, train={"iterations": 3, "eval_interval": 3, "batch_size": 8})
+    acc = tiny_config(tmp_path / "acc", backbone="test_convnext", model=GROUP_NORM, data=DEFAULT_AUGMENTATION, train={"iterations": 3, "eval_interval": 3, "batch_size": 4, "grad_accum": 2})
+    train(big, device="cpu")
+    train(acc, device="cpu")
+    want, got = final_weights(tmp_path / "big"), final_weights(tmp_path / "acc")
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5)
+
+
 def test_ddp_two_processes_of_batch_4_match_one_process_of_batch_8(tmp_path):
     single = tiny_config(tmp_path / "single", backbone="test_convnext", model=GROUP_NORM, data=NO_PADDING, train={"iterations": 3, "eval_interval": 3, "batch_size": 8, "deterministic": False})
     train(single, device="cpu")
@@ -260,3 +309,25 @@ def test_select_last_without_validation_reports_the_final_weights(tmp_path, caps
     assert exported.keys() == last.keys() and all(torch.equal(exported[k], last[k]) for k in last)
     with pytest.raises(ConfigError, match="train.select 'best' needs a validation split"):
         tiny_config(tmp_path / "x", data={"val_split": None}).validate()
+
+
+def test_a_warmup_longer_than_the_run_is_cut_with_a_warning(tmp_path):
+    with pytest.warns(UserWarning, match="warmup_iters=50 is longer than the run"):
+        train(tiny_config(tmp_path / "run", train={"iterations": 2, "eval_interval": 2}, optim={"warmup_iters": 50}), device="cpu")
+
+
+def test_evaluation_progress_counts_images_not_batches():
+    from mtvision.data.synthetic import SyntheticScenes
+    from mtvision.data.transforms import eval_transforms
+    from mtvision.engine.data import eval_loader
+    from mtvision.engine.evaluator import evaluate
+    from mtvision.engine.progress import Progress
+    from mtvision.models.registry import create_model
+
+    cfg = tiny_config(Path("/tmp/unused"))
+    ds = SyntheticScenes(5, 32, 40, tasks=["depth"], transform=eval_transforms(32, 40))
+    loader = eval_loader(ds, 2, cfg.data)
+    model = create_model(backbone="test_resnet", tasks=["depth"])
+    bar = Progress(len(loader), "eval", enabled=False)
+    evaluate(model, loader, model.tasks, ds.meter_info(), torch.device("cpu"), progress=bar)
+    assert (bar.count, bar.images) == (3, 5)  # batches of 2, 2, 1

@@ -106,3 +106,12 @@ def test_create_model_keyword_shortcuts_and_defaults():
 def test_unknown_backbone_in_config_suggests():
     with pytest.raises(UnknownNameError, match="did you mean 'resnet18"):
         create_model(backbone="resnet18x", tasks=["depth"])
+
+
+def test_create_model_takes_backbone_options_as_keywords():
+    from mtvision.models.backbones import BackboneError
+
+    model = create_model(backbone="test_resnet", out_indices=[2, 3], tasks=["depth"])
+    assert model.config.backbone.out_indices == [2, 3] and len(model.decoder.backbone.strides) == 2
+    with pytest.raises(BackboneError, match="backbone.weights"):  # the real option, not 'preprocess'
+        create_model(backbone="test_resnet", pretrained=True, weights="/nonexistent.safetensors", tasks=["depth"])
