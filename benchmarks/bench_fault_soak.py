@@ -37,9 +37,10 @@ CONFIG = {
 FAULTS = ("sigterm_pid", "sigterm_group", "sigint", "sigkill")
 
 
-def run_cmd(cfg: Path, resume: bool) -> subprocess.Popen:
+def run_cmd(cfg: Path, resume: bool, overwrite: bool = False) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "mtvision.cli.train", str(cfg)] + (["--resume"] if resume else [])
+    cmd += ["--overwrite"] if overwrite else []
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
@@ -86,8 +87,9 @@ def main() -> None:
             code = proc.wait()
             resumes = 0
             while not (tmp / f"run{i}" / "model" / "config.json").is_file():
+                # killed before its first checkpoint: nothing to resume, start over
                 has_ckpt = CheckpointManager(tmp / f"run{i}").latest() is not None
-                code = run_cmd(cfg, resume=has_ckpt).wait()
+                code = run_cmd(cfg, resume=has_ckpt, overwrite=not has_ckpt).wait()
                 resumes += 1
                 if resumes > 3:
                     break

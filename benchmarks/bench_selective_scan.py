@@ -1,5 +1,10 @@
-"""Selective scan speed and memory: the chunked pure-PyTorch scan vs the sequential reference, plus
-the mtmamba decoder vs HPS (images/s, parameters, FLOPs) on ResNet-18 at 128x160.
+"""Selective scan speed and memory: the pure-PyTorch scans vs the sequential reference, plus the
+mtmamba decoder vs HPS (images/s, parameters, FLOPs) on ResNet-18 at 128x160.
+
+The scans: "reference" (`selective_scan_reference`, the sequential loop), "chunked" (the old default,
+`selective_scan_chunked`: autograd through the chunked scan, block checkpointing) and "recompute"
+(the default on CPU, `selective_scan_recompute`: chunk-boundary states saved, chunks recomputed in
+the backward); "new/old" is recompute time / chunked time.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_selective_scan.py [--lengths 1024 4096] [--skip-decoder]
 
@@ -34,9 +39,13 @@ def _inputs(length: int, device: str, grad: bool):
 
 def _measure(kind: str, length: int, backward: bool, repeats: int, device: str, queue) -> None:
     torch.set_num_threads(1)
-    from mtvision.models.ssm.selective_scan import selective_scan_chunked, selective_scan_reference
+    from mtvision.models.ssm.selective_scan import (
+        selective_scan_chunked,
+        selective_scan_recompute,
+        selective_scan_reference,
+    )
 
-    fn = selective_scan_reference if kind == "reference" else selective_scan_chunked
+    fn = {"reference": selective_scan_reference, "chunked": selective_scan_chunked, "recompute": selective_scan_recompute}[kind]
     u, delta, A, Bm, Cm, Dv, bias = _inputs(length, device, backward)
 
     def run() -> None:
@@ -68,22 +77,25 @@ def scan_table(lengths: list[int], repeats: int, device: str) -> None:
     ctx = mp.get_context("spawn")
     print(f"selective scan, B={B} D={D} N={N} float32 on {device} (1 thread), median of {repeats}")
     print(
-        f"{'L':>6} {'pass':>9} {'reference ms':>13} {'chunked ms':>11} {'speed-up':>9} {'ref MiB':>8} {'chunk MiB':>9}"
+        f"{'L':>6} {'pass':>9} {'reference ms':>13} {'chunked ms':>11} {'recompute ms':>13} {'new/old':>8} "
+        f"{'speed-up':>9} {'ref MiB':>8} {'chunk MiB':>9} {'recomp MiB':>10}"
     )
     for length in lengths:
         for backward in (False, True):
             row = {}
-            for kind in ("reference", "chunked"):
+            for kind in ("reference", "chunked", "recompute"):
                 queue = ctx.Queue()
                 proc = ctx.Process(target=_measure, args=(kind, length, backward, repeats, device, queue))
                 proc.start()
                 row[kind] = queue.get()
                 proc.join()
-            (t_ref, m_ref), (t_ch, m_ch) = row["reference"], row["chunked"]
+            (t_ref, m_ref), (t_ch, m_ch), (t_re, m_re) = row["reference"], row["chunked"], row["recompute"]
             name = "fwd+bwd" if backward else "fwd"
             print(
-                f"{length:>6} {name:>9} {t_ref * 1e3:>13.1f} {t_ch * 1e3:>11.1f} {t_ref / t_ch:>8.1f}x {m_ref:>8.0f} {m_ch:>9.0f}"
+                f"{length:>6} {name:>9} {t_ref * 1e3:>13.1f} {t_ch * 1e3:>11.1f} {t_re * 1e3:>13.1f} {t_re / t_ch:>8.2f} "
+                f"{t_ref / t_re:>8.1f}x {m_ref:>8.0f} {m_ch:>9.0f} {m_re:>10.0f}"
             )
+    print("(speed-up: reference / recompute)")
 
 
 def decoder_table(repeats: int) -> None:

@@ -241,12 +241,12 @@ def part_moe(device: str, smoke: bool) -> list[dict]:
     for k in (1, 4):
         x = torch.randn(tokens, dim, device=device, requires_grad=True)
         dense = nn.Sequential(nn.Linear(dim, k * hidden), nn.GELU(), nn.Linear(k * hidden, dim)).to(device)
-        runs = {"dense": lambda m=dense: m(x).square().mean().backward()}
+        runs = {"dense": lambda m=dense, x=x: m(x).square().mean().backward()}
         for form in ("grouped", "batched"):
             moe = MoE(dim, hidden, experts, k, dispatch=form).to(device).train()
             with torch.no_grad():
                 moe.gate_weight["shared"].normal_(std=0.5)
-            runs[form] = lambda m=moe: m(x).output.square().mean().backward()
+            runs[form] = lambda m=moe, x=x: m(x).output.square().mean().backward()
         ts = {name: _time(fn, device, repeats, 1) for name, fn in runs.items()}
         for name, t in ts.items():
             rows.append({"k": k, "form": name, "fwd_bwd_ms": 1000 * t, "ratio_to_dense": t / ts["dense"]})

@@ -66,6 +66,12 @@ class DataConfig:
         height: training crop height in pixels.
         width: training crop width in pixels.
         scale_range: random scale range (lo, hi) of the training augmentation.
+        rotation: maximum angle in degrees of a random rotation of the training images (uniform in
+            +-rotation, about the centre, normals turned with them; the MTI-Net / PAD-Net releases
+            use 20 on PASCAL); 0: none.
+        cat_max_ratio: random training crops are redrawn (up to 10 times) unless at least two
+            semseg classes are in them and none covers this fraction of their labelled pixels (the
+            InvPT / TaskPrompter releases: 0.75); 1: no check.
         flip: random horizontal flips during training.
         photometric: photometric distortion of the training image.
         num_samples: synthetic dataset sizes by split name (train/val/test splits must all be listed).
@@ -84,6 +90,8 @@ class DataConfig:
     height: int = 128
     width: int = 160
     scale_range: tuple[float, float] = (0.5, 2.0)
+    rotation: float = 0.0
+    cat_max_ratio: float = 1.0
     flip: bool = True
     photometric: bool = True
     num_samples: dict[str, int] = field(default_factory=lambda: {"train": 2000, "val": 200, "test": 200})
@@ -110,6 +118,8 @@ class DataConfig:
         _check(self.height >= 8 and self.width >= 8, f"data.height/width must be >= 8, got {self.height}x{self.width}")
         lo, hi = self.scale_range
         _check(0 < lo <= hi, f"data.scale_range must satisfy 0 < lo <= hi, got {self.scale_range}")
+        _check(0 <= self.rotation <= 180, f"data.rotation must be in [0, 180] degrees, got {self.rotation}")
+        _check(0 < self.cat_max_ratio <= 1, f"data.cat_max_ratio must be in (0, 1], got {self.cat_max_ratio}")
         _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
         _check(0 <= self.holdout_fraction < 1, f"data.holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
         splits = {self.train_split, self.test_split}
@@ -131,7 +141,7 @@ class WeightingConfig:
     """Loss weighting (`mtvision.optim.weighting`), applied after `optim.loss_weights`.
 
     Attributes:
-        method: "ew", "fixed", "uw", "dwa", "gradnorm", "rlw", "gls", "famo" or "igb".
+        method: "ew", "fixed", "uw", "dwa", "gradnorm", "rlw", "gls", "log", "famo" or "igb".
         options: the method's keyword options (e.g. {alpha: 1.5} for gradnorm, {temperature: 2.0} for dwa).
         lr: learning rate of the method's own parameters (UW's log-variances, GradNorm's weights);
             None: optim.lr, following the schedule like every other parameter group.
@@ -157,7 +167,9 @@ class CalibrationConfig:
 
     Attributes:
         method: an aggregator ("mgda", "pcgrad", "cagrad", "imtl_g", "nash_mtl", "aligned_mtl", "upgrad",
-            "gradvac", "ew") or "graddrop"; None: no calibration (one plain backward pass).
+            "gradvac", "fairgrad", "sdmgrad", "ntkmtl", "ew"), "graddrop", or a gradient-tracking method
+            ("db_mtl", "moco", "excess_mtl"; level "params" only); None: no calibration (one plain
+            backward pass).
         level: "features" (per-task gradients at the shared representation, about one backward pass),
             "params" (over the shared parameters, T backward passes) or "fuller" (features, then the
             gradient magnitudes entering each backbone scale are equalised).
@@ -172,9 +184,9 @@ class CalibrationConfig:
     sam_rho: float | None = None
 
     def validate(self) -> None:
-        from mtvision.optim.aggregators import AGGREGATORS
+        from mtvision.optim.calibrator import METHODS
 
-        valid = [*AGGREGATORS, "graddrop"]
+        valid = list(METHODS)
         if self.method is not None and self.method not in valid:
             hint = closest(self.method, valid)
             extra = f"; did you mean {hint!r}?" if hint else ""
@@ -183,6 +195,13 @@ class CalibrationConfig:
             _check(self.sam_rho > 0, f"optim.calibration.sam_rho must be > 0 or null, got {self.sam_rho}")
             _check(self.method not in (None, "graddrop"), "optim.calibration.sam_rho needs a Gramian method (e.g. method: ew or mgda)")
             _check(self.level == "params", f"optim.calibration.sam_rho needs level: params, got {self.level!r}")
+        from mtvision.optim.tracked import TRACKED
+
+        _check(
+            self.method not in TRACKED or self.level == "params",
+            f"optim.calibration.method {self.method!r} tracks per-task gradients across steps and needs level: params, "
+            f"got {self.level!r}",
+        )
 
 
 @dataclass
@@ -201,6 +220,9 @@ class OptimConfig:
         warmup_ratio: learning rate at the start of warmup, as a fraction of lr.
         min_lr: floor of the decayed learning rate.
         grad_clip: maximum global gradient norm, or None for no clipping.
+        decay_norm_and_bias: weight-decay the 1-D parameters too (biases, norm weights, SSM D's):
+            every model parameter in one decayed group, as the MTMamba releases; False: 1-D
+            parameters without weight decay.
         loss_weights: fixed per-task loss multipliers (tasks not listed get 1.0), applied before
             the weighting method.
         weighting: the loss-weighting method (default EW).
@@ -218,6 +240,7 @@ class OptimConfig:
     warmup_ratio: float = 1e-3
     min_lr: float = 0.0
     grad_clip: float | None = None
+    decay_norm_and_bias: bool = False
     loss_weights: dict[str, float] = field(default_factory=dict)
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
@@ -304,12 +327,14 @@ class TrainConfig:
 
 @dataclass
 class LoggingConfig:
-    """Console and Weights & Biases logging.
+    """Console, Weights & Biases and TensorBoard logging.
 
     Attributes:
         console: "auto" (tqdm on a terminal, plain lines otherwise), "tqdm" or "plain".
         log_interval: optimizer steps between logged training metrics.
-        wandb: log to Weights & Biases (rank 0 only).
+        wandb: log to Weights & Biases (rank 0 only); a resumed run continues the same W&B run.
+        tensorboard: also write TensorBoard event files (scalars, prediction pictures, hparams) to
+            <output_dir>/tensorboard (rank 0 only; needs the tensorboard package).
         wandb_project: W&B project name.
         wandb_entity: W&B team or user (None: the default entity).
         wandb_run_name: W&B run name (None: W&B chooses).
@@ -320,6 +345,7 @@ class LoggingConfig:
     console: Literal["auto", "tqdm", "plain"] = "auto"
     log_interval: int = 20
     wandb: bool = False
+    tensorboard: bool = False
     wandb_project: str = "mtvision"
     wandb_entity: str | None = None
     wandb_run_name: str | None = None

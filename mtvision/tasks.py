@@ -89,8 +89,16 @@ def balanced_edge_pixels(pred: Tensor, target: Tensor, pos_weight: float = EDGE_
 
 
 def saliency_pixels(pred: Tensor, target: Tensor) -> Tensor:
-    """Per-pixel binary cross-entropy on logits."""
-    return F.binary_cross_entropy_with_logits(pred, target.float(), reduction="none")
+    """Per-pixel loss of saliency logits: binary cross-entropy on one logit; on two (background,
+    salient: the InvPT / TaskPrompter releases' layout) the releases' class-balanced 2-class
+    cross-entropy, salient pixels weighted by the batch's share of background pixels and background
+    pixels by the share of salient ones."""
+    if pred.shape[1] != 2:
+        return F.binary_cross_entropy_with_logits(pred, target.float(), reduction="none")
+    salient = target.float() > 0.5
+    w_salient = (~salient).sum() / salient.numel()
+    weight = torch.where(salient, w_salient, 1.0 - w_salient)
+    return weight * F.cross_entropy(pred, salient[:, 0].long(), reduction="none")[:, None]
 
 
 def segmentation_loss(pred: Tensor, target: Tensor) -> Tensor:
@@ -137,6 +145,11 @@ def normals_decode(raw: Tensor) -> Tensor:
 def sigmoid_decode(raw: Tensor) -> Tensor:
     """Logits -> probabilities."""
     return torch.sigmoid(raw)
+
+
+def saliency_decode(raw: Tensor) -> Tensor:
+    """Saliency logits -> N x 1 x H x W probabilities: sigmoid of one logit, softmax of two (channel 1)."""
+    return raw.softmax(dim=1)[:, 1:] if raw.shape[1] == 2 else torch.sigmoid(raw)
 
 
 # ---------------------------------------------------------------- target geometry (numpy, H x W [x C])
@@ -309,7 +322,7 @@ TASKS: dict[str, Task] = {
             out_channels=1,
             pixel_loss=saliency_pixels,
             valid=all_valid,
-            decode=sigmoid_decode,
+            decode=saliency_decode,
             colorize=visualize.colorize_probability,
             new_meter_fn=_saliency_meter,
             primary_metric="maxF",

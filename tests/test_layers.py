@@ -19,7 +19,7 @@ LAYERS = [
     {"config"},
     {"engine"},
     {"search"},
-    {"inference", "convert"},
+    {"inference", "convert", "export"},
     {"cli"},
 ]
 

@@ -1,6 +1,7 @@
 import numpy as np
 
 from mtvision import visualize as V
+from mtvision.cv import cv2
 
 
 def test_palette_is_distinct_and_ignore_is_black():
@@ -27,8 +28,10 @@ def test_normals_map_to_rgb_and_invalid_to_black():
 
 
 def test_probability_and_grid(tmp_path):
-    rgb = V.colorize_probability(np.array([[0.0, 1.0, 255.0]]))
-    assert rgb[0, 0].tolist() == [0, 0, 0] and rgb[0, 1].tolist() == [255, 255, 255] and rgb[0, 2].tolist() == [96, 0, 0]
+    rgb = V.colorize_probability(np.array([[0.0, 0.5, 1.0, 255.0]]))
+    inferno = cv2.applyColorMap(np.array([[0, 128, 255]], np.uint8), cv2.COLORMAP_INFERNO)[0, :, ::-1]  # OpenCV's BGR
+    assert rgb[0, :3].tolist() == inferno.tolist() and rgb[0, 3].tolist() == [128, 128, 128]  # ignored: mid grey
+    assert rgb[0, 0].sum() < 20 and rgb[0, 2].min() > 150  # black to pale yellow
     tile = np.full((4, 5, 3), 7, np.uint8)
     grid = V.image_grid([[tile, tile], [tile]], pad=1)
     assert grid.shape == (1 + 2 * 5, 1 + 2 * 6, 3)

@@ -46,7 +46,7 @@ def run_command(prog: str, run: Callable[[], object], overrides: Sequence[str] =
         return USAGE
     except MTVisionError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
-        return USAGE if isinstance(exc, ValueError) else FAILURE
+        return getattr(exc, "exit_code", USAGE if isinstance(exc, ValueError) else FAILURE)
     except OSError as exc:
         print(f"{prog}: {os_error_message(exc)}", file=sys.stderr)
         return FAILURE

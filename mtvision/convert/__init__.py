@@ -17,9 +17,23 @@ from mtvision.convert.base import (
     load_into_model,
     read_release_checkpoint,
 )
+from mtvision.convert.invpt import convert_invpt
+from mtvision.convert.m3vit import convert_m3vit
+from mtvision.convert.mtinet import convert_mtinet
+from mtvision.convert.mtmamba import convert_mtmamba, convert_mtmamba_plus
+from mtvision.convert.padnet import convert_padnet
+from mtvision.convert.taskprompter import convert_taskprompter
 from mtvision.errors import unknown_name
 
-FORMATS: dict[str, Converter] = {}
+FORMATS: dict[str, Converter] = {
+    "padnet": convert_padnet,
+    "invpt": convert_invpt,
+    "taskprompter": convert_taskprompter,
+    "mtinet": convert_mtinet,
+    "m3vit": convert_m3vit,
+    "mtmamba": convert_mtmamba,
+    "mtmamba_plus": convert_mtmamba_plus,
+}
 
 
 def convert_checkpoint(

@@ -38,6 +38,14 @@ from mtvision.tasks import IGNORE_INDEX
 
 NUM_CLASSES = 40
 SPLITS = ("train", "val")
+CLASS_NAMES: tuple[str, ...] = (
+    "wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf",
+    "picture", "counter", "blinds", "desk", "shelves", "curtain", "dresser", "pillow", "mirror", "floor mat",
+    "clothes", "ceiling", "books", "refrigerator", "television", "paper", "towel", "shower curtain", "box",
+    "whiteboard", "person", "night stand", "toilet", "sink", "lamp", "bathtub", "bag", "otherstructure",
+    "otherfurniture", "otherprop",
+)
+"""The NYU-40 classes (Gupta et al. 2013) in label order: class c is stored as c + 1."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +91,7 @@ class NYUDv2(MultiTaskDataset):
 
     available_tasks: ClassVar[tuple[str, ...]] = ("semseg", "depth", "normals", "edge")
     num_classes: ClassVar[dict[str, int]] = {"semseg": NUM_CLASSES}
+    class_names: ClassVar[tuple[str, ...]] = CLASS_NAMES
     boundary_tolerance: ClassVar[float] = 0.011
 
     def __init__(

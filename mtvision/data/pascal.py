@@ -41,6 +41,11 @@ SPLITS = ("train", "val")
 NUM_SEMSEG_CLASSES = 21
 PERSON_CLASS_INDEX = 15  # 'person' in the PASCAL VOC class order
 PART_NAMES = ("background", "head", "torso", "upper arm", "lower arm", "upper leg", "lower leg")
+SEMSEG_CLASS_NAMES: tuple[str, ...] = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
+"""The 21 PASCAL VOC classes of the semseg task, in label order."""
 
 # PASCAL-Part person part name -> 6-part class (the 6-part grouping of ASTMT / MTI-Net / ATRC)
 HUMAN_PART_MAP: dict[str, int] = {
@@ -168,6 +173,7 @@ class PascalContext(MultiTaskDataset):
 
     available_tasks: ClassVar[tuple[str, ...]] = ("semseg", "parts", "saliency", "normals", "edge")
     num_classes: ClassVar[dict[str, int]] = {"semseg": NUM_SEMSEG_CLASSES, "parts": len(PART_NAMES)}
+    class_names: ClassVar[tuple[str, ...]] = SEMSEG_CLASS_NAMES
     boundary_tolerance: ClassVar[float] = 0.0075
 
     def __init__(

@@ -30,7 +30,7 @@ import torch
 from mtvision.cv import cv2
 from mtvision.data.sample import IMAGENET_MEAN, IMAGENET_STD, to_sample
 from mtvision.errors import DatasetError, unknown_name
-from mtvision.tasks import TASKS, Task
+from mtvision.tasks import IGNORE_INDEX, TASKS, Task
 
 RawSample = dict[str, Any]
 Seed = int | np.random.Generator | None
@@ -173,6 +173,50 @@ def crop_window(raw: RawSample, top: int, left: int, height: int, width: int, im
     return result
 
 
+def rotate_normals(normals: np.ndarray, degrees: float) -> np.ndarray:
+    """Normals (H x W x 3) after the image is rotated by `degrees` counter-clockwise: their in-plane
+    (x, y) part turned with it, as the MTI-Net release's ScaleNRotate does (x' = x cos a + y sin a,
+    y' = y cos a - x sin a); zero vectors (invalid) stay zero."""
+    a = np.deg2rad(degrees)
+    out = np.array(normals, copy=True)
+    x, y = normals[..., 0], normals[..., 1]
+    out[..., 0] = x * np.cos(a) + y * np.sin(a)
+    out[..., 1] = y * np.cos(a) - x * np.sin(a)
+    return out.astype(normals.dtype, copy=False)
+
+
+ROTATE_FNS: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {"normals": rotate_normals}
+"""Per-task fix-up of a target's values after an in-plane rotation (by task name)."""
+
+
+def rotate(raw: RawSample, degrees: float, image_fill: ImageFill = 0) -> RawSample:
+    """`raw` rotated by `degrees` counter-clockwise about the image centre (w/2, h/2), keeping its
+    size (OpenCV's getRotationMatrix2D / warpAffine, as the MTI-Net release's ScaleNRotate): the
+    image bilinear with `image_fill` outside, targets nearest (labels and invalid markers are never
+    blended) with each task's `pad_value` outside, then `ROTATE_FNS` (normals turned in-plane)."""
+    if not np.isfinite(degrees):
+        raise ValueError(f"rotate: degrees must be finite, got {degrees}")
+    fill = _check_fill(image_fill, "rotate")
+    image = _image(raw, "rotate")
+    h, w = image.shape[:2]
+    matrix = cv2.getRotationMatrix2D((w / 2, h / 2), float(degrees), 1.0)
+    out: RawSample = {"image": cv2.warpAffine(np.ascontiguousarray(image), matrix, (w, h), flags=cv2.INTER_LINEAR,
+                                              borderMode=cv2.BORDER_CONSTANT, borderValue=fill)}
+    inverse = cv2.invertAffineTransform(matrix)
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
+    sx = np.floor(inverse[0, 0] * xs + inverse[0, 1] * ys + inverse[0, 2] + 0.5).astype(np.int64)
+    sy = np.floor(inverse[1, 0] * xs + inverse[1, 1] * ys + inverse[1, 2] + 0.5).astype(np.int64)
+    inside = (sx >= 0) & (sx < w) & (sy >= 0) & (sy < h)
+    sx, sy = np.clip(sx, 0, w - 1), np.clip(sy, 0, h - 1)
+    for name, task, value in _targets(raw, "rotate"):
+        fixed = ROTATE_FNS[name](value, float(degrees)) if name in ROTATE_FNS else value
+        warped = fixed[sy, sx]
+        warped[~inside] = np.asarray(task.pad_value).astype(value.dtype)
+        out[name] = warped
+    out["meta"] = _meta(raw)
+    return out
+
+
 def hflip(raw: RawSample) -> RawSample:
     """`raw` mirrored left-right, then each task's `flip_fn` (normals: x negated)."""
     out: RawSample = {"image": np.ascontiguousarray(_image(raw, "hflip")[:, ::-1])}
@@ -220,26 +264,71 @@ class RandomScale(_Randomized):
         return f"RandomScale(scale_range={self.scale_range})"
 
 
+class RandomRotation(_Randomized):
+    """Rotate by an angle drawn uniformly from [-degrees, degrees] (see `rotate`)."""
+
+    def __init__(self, degrees: float, image_fill: ImageFill = 0, seed: Seed = None) -> None:
+        if not 0 <= degrees <= 180:
+            raise ValueError(f"RandomRotation: degrees must be in [0, 180], got {degrees}")
+        super().__init__(seed)
+        self.degrees = float(degrees)
+        self.image_fill = _check_fill(image_fill, "RandomRotation")
+
+    def __call__(self, raw: RawSample) -> RawSample:
+        return rotate(raw, float(self.rng.uniform(-self.degrees, self.degrees)), self.image_fill)
+
+    def __repr__(self) -> str:
+        return f"RandomRotation({self.degrees}, image_fill={self.image_fill})"
+
+
+CAT_MAX_TRIES = 10
+"""Redraws of a random crop whose semseg labels one class dominates (mmseg's and the InvPT / TaskPrompter releases')."""
+
+
 class RandomCrop(_Randomized):
     """A height x width window at a uniform random position; a smaller image is padded first.
 
     Where the image is smaller than the window in a dimension, it lands at a uniform random offset
     inside it (pads on both sides, split at random); padding as in `crop_window`.
+
+    With `cat_max_ratio` < 1 (the InvPT / TaskPrompter releases use 0.75) and a `semseg` target, a
+    window is redrawn, up to `CAT_MAX_TRIES` times, unless its labelled (non-255) semseg pixels hold
+    at least two classes and none covers `cat_max_ratio` or more of them; after the last redraw the
+    window is kept unchecked, as in the releases.
     """
 
-    def __init__(self, height: int, width: int, image_fill: ImageFill = 0, seed: Seed = None) -> None:
+    def __init__(self, height: int, width: int, image_fill: ImageFill = 0, seed: Seed = None,
+                 cat_max_ratio: float = 1.0) -> None:
         super().__init__(seed)
         self.height, self.width = _positive_size(height, width, "RandomCrop")
         self.image_fill = _check_fill(image_fill, "RandomCrop")
+        if not 0 < cat_max_ratio <= 1:
+            raise ValueError(f"RandomCrop: cat_max_ratio must be in (0, 1], got {cat_max_ratio}")
+        self.cat_max_ratio = float(cat_max_ratio)
+
+    def _draw(self, h: int, w: int) -> tuple[int, int]:
+        top = int(self.rng.integers(min(0, h - self.height), max(0, h - self.height) + 1))
+        left = int(self.rng.integers(min(0, w - self.width), max(0, w - self.width) + 1))
+        return top, left
+
+    def _varied(self, labels: np.ndarray, top: int, left: int) -> bool:
+        window = labels[max(top, 0) : top + self.height, max(left, 0) : left + self.width]
+        _, counts = np.unique(window[window != IGNORE_INDEX], return_counts=True)
+        return len(counts) > 1 and counts.max() < self.cat_max_ratio * counts.sum()
 
     def __call__(self, raw: RawSample) -> RawSample:
         h, w = _image(raw, "RandomCrop").shape[:2]
-        top = int(self.rng.integers(min(0, h - self.height), max(0, h - self.height) + 1))
-        left = int(self.rng.integers(min(0, w - self.width), max(0, w - self.width) + 1))
+        top, left = self._draw(h, w)
+        if self.cat_max_ratio < 1 and "semseg" in raw:
+            for _ in range(CAT_MAX_TRIES):
+                if self._varied(np.asarray(raw["semseg"]), top, left):
+                    break
+                top, left = self._draw(h, w)
         return crop_window(raw, top, left, self.height, self.width, self.image_fill)
 
     def __repr__(self) -> str:
-        return f"RandomCrop({self.height}, {self.width}, image_fill={self.image_fill})"
+        ratio = f", cat_max_ratio={self.cat_max_ratio}" if self.cat_max_ratio < 1 else ""
+        return f"RandomCrop({self.height}, {self.width}, image_fill={self.image_fill}{ratio})"
 
 
 class PadTo:
@@ -420,10 +509,14 @@ def train_transforms(
     std: Sequence[float] = IMAGENET_STD,
     image_fill: ImageFill | None = None,
     seed: Seed = None,
+    rotation: float = 0.0,
+    cat_max_ratio: float = 1.0,
 ) -> Compose:
-    """Training pipeline: random scale, random crop (padded) to height x width, flip, photometric, normalise.
+    """Training pipeline: random scale, random rotation (when `rotation` > 0: uniform in +-rotation
+    degrees), random crop (padded) to height x width, flip, photometric, normalise.
 
-    `scale_range=None` skips scaling; `image_fill=None` pads the image with the mean colour.
+    `scale_range=None` skips scaling; `image_fill=None` pads the image with the mean colour;
+    `cat_max_ratio` < 1 redraws crops that one semseg class dominates (see `RandomCrop`).
     """
     fill = mean_fill(mean) if image_fill is None else image_fill
     rng = np.random.default_rng(seed)
@@ -434,7 +527,9 @@ def train_transforms(
     steps: list[Callable[[Any], Any]] = []
     if scale_range is not None:
         steps.append(RandomScale(scale_range, seed=child()))
-    steps.append(RandomCrop(height, width, image_fill=fill, seed=child()))
+    if rotation > 0:
+        steps.append(RandomRotation(rotation, image_fill=fill, seed=child()))
+    steps.append(RandomCrop(height, width, image_fill=fill, seed=child(), cat_max_ratio=cat_max_ratio))
     if flip:
         steps.append(HorizontalFlip(0.5, seed=child()))
     if photometric:

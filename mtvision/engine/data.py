@@ -30,6 +30,7 @@ __all__ = [
     "EpochKeyedSampler",
     "RunData",
     "SeededAugmentation",
+    "augmentation",
     "build_run_data",
     "eval_loader",
     "evaluation_set",
@@ -97,6 +98,14 @@ def holdout_split(n: int, fraction: float) -> tuple[list[int], list[int]]:
     return list(range(n - held)), list(range(n - held, n))
 
 
+def augmentation(cfg: DataConfig, mean: Sequence[float], std: Sequence[float]) -> Compose:
+    """The training augmentation the data config describes (scale, crop, flip, rotation, photometric)."""
+    return train_transforms(
+        cfg.height, cfg.width, tuple(cfg.scale_range), cfg.flip, cfg.photometric, mean=mean, std=std,
+        rotation=cfg.rotation, cat_max_ratio=cfg.cat_max_ratio,
+    )
+
+
 def train_indices(cfg: DataConfig, size: int) -> list[int]:
     """The training split's samples that are trained on: all, minus the validation hold-out."""
     return holdout_split(size, cfg.holdout_fraction)[0] if cfg.holdout_fraction > 0 else list(range(size))
@@ -161,9 +170,7 @@ def build_run_data(
     cfg: DataConfig, batch_size: int, mean: Sequence[float], std: Sequence[float], rank: int = 0, world_size: int = 1
 ) -> RunData:
     """Training, validation and test loaders for one process of a (possibly distributed) run."""
-    train_tf = train_transforms(
-        cfg.height, cfg.width, tuple(cfg.scale_range), cfg.flip, cfg.photometric, mean=mean, std=std
-    )
+    train_tf = augmentation(cfg, mean, std)
     train_set = make_dataset(cfg, cfg.train_split)
     has_val = cfg.val_split is not None or cfg.holdout_fraction > 0
     val_set = evaluation_set(cfg, "val", mean, std)[0] if has_val else None

@@ -1,12 +1,14 @@
-"""Experiment loggers: a JSON-lines file and Weights & Biases, behind one interface, plus the
-console metrics table (`format_metrics_table`) the trainer and `mtv-eval` print.
+"""Experiment loggers: a JSON-lines file, Weights & Biases and TensorBoard, behind one interface, plus
+the console metrics table (`format_metrics_table`) the trainer and `mtv-eval` print.
 
 Key convention for `log_scalars`: callers name values `<split>/<group>/<name>`, e.g.
 ``train/loss``, ``train/loss/semseg``, ``train/lr``, ``val/semseg/mIoU``, ``val/depth/rmse``,
 ``val/score``.  Loggers keep keys exactly as given.
 
 wandb is imported only when a `WandbLogger` is built.  It honours WANDB_MODE (e.g. ``offline``) and
-WANDB_DIR from the environment unless `mode` / `dir` are given; nothing here logs in.
+WANDB_DIR from the environment unless `mode` / `dir` are given; nothing here logs in.  A run folder
+keeps its W&B run id in ``wandb_run_id``, so that a resumed training continues the same W&B run.
+tensorboard (torch.utils.tensorboard) is imported only when a `TensorBoardLogger` is built.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from mtvision.atomic import atomic_write_bytes
 from mtvision.errors import MTVisionError
 from mtvision.tasks import IGNORE_INDEX, get_task
 from mtvision.visualize import image_grid
@@ -210,7 +213,8 @@ def class_labels(panel: PredictionPanel, task: str) -> dict[int, str]:
 
 
 class WandbLogger(Logger):
-    """Logs to a Weights & Biases run; `mode=None` and `dir=None` defer to WANDB_MODE / WANDB_DIR.
+    """Logs to a Weights & Biases run; `mode=None` and `dir=None` defer to WANDB_MODE / WANDB_DIR;
+    `id` and `resume` (e.g. "allow") continue an earlier run (`build_loggers(..., resume=True)`).
 
     Predictions go to ``<prediction_key>/<task>``: label-map tasks as the input image with
     'prediction' and 'ground_truth' mask overlays, other tasks as one picture
@@ -231,6 +235,8 @@ class WandbLogger(Logger):
         dir: str | Path | None = None,
         mode: str | None = None,
         prediction_key: str = "val/predictions",
+        id: str | None = None,
+        resume: str | None = None,
     ) -> None:
         try:
             import wandb
@@ -248,6 +254,8 @@ class WandbLogger(Logger):
             config=to_jsonable(config) if config is not None else None,
             dir=str(dir) if dir is not None else None,
             mode=mode,
+            id=id,
+            resume=resume,
         )
 
     def log_config(self, config: Mapping[str, Any]) -> None:
@@ -296,6 +304,82 @@ class WandbLogger(Logger):
             self.run = None
 
 
+def flat_hparams(config: Mapping[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
+    """A nested config as TensorBoard hparams: dotted keys, numbers, bools and strings (others as text)."""
+    out: dict[str, bool | int | float | str] = {}
+    for key, value in to_jsonable(config).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flat_hparams(value, f"{name}."))
+        elif isinstance(value, (bool, int, float, str)):
+            out[name] = value
+        else:
+            out[name] = json.dumps(value)
+    return out
+
+
+class TensorBoardLogger(Logger):
+    """Writes TensorBoard event files under `log_dir`: scalars under their keys, prediction pictures as
+    ``<prediction_key>/<task>/<i>`` (image | target | prediction, one colour scale), the config as text
+    and as hparams (every `val/` scalar declared as an hparams metric when the logger closes).
+
+    A resumed run writes a further event file into the same folder; TensorBoard shows them as one run.
+    """
+
+    def __init__(self, log_dir: str | Path, prediction_key: str = "val/predictions") -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as error:
+            raise MTVisionError(
+                "logging to TensorBoard needs the `tensorboard` package (pip install tensorboard); "
+                "set logging.tensorboard: false"
+            ) from error
+        self.log_dir = Path(log_dir)
+        self.prediction_key = prediction_key
+        self.writer: Any = SummaryWriter(log_dir=str(self.log_dir))
+        self._metric_keys: list[str] = []
+        self._hparams: dict[str, bool | int | float | str] | None = None
+
+    def log_config(self, config: Mapping[str, Any]) -> None:
+        from torch.utils.tensorboard.summary import hparams
+
+        self.writer.add_text("config", "```\n" + json.dumps(to_jsonable(config), indent=2) + "\n```", 0)
+        self._hparams = flat_hparams(config)
+        _, session_start, _ = hparams(self._hparams, {})
+        self.writer.file_writer.add_summary(session_start)
+
+    def log_scalars(self, values: Mapping[str, float], step: int) -> None:
+        for key, value in values.items():
+            self.writer.add_scalar(key, float(value), int(step))
+            if key.startswith("val/") and key not in self._metric_keys:
+                self._metric_keys.append(key)
+        self.writer.flush()
+
+    def log_predictions(self, step: int, panels: Sequence[PredictionPanel]) -> None:
+        for index, panel in enumerate(panels):
+            for task, prediction in panel.predictions.items():
+                target_rgb, prediction_rgb = colour_pair(task, panel.targets.get(task), prediction)
+                tiles = [panel.image, prediction_rgb] if target_rgb is None else [panel.image, target_rgb, prediction_rgb]
+                tag = f"{self.prediction_key}/{task}/{index}"
+                self.writer.add_image(tag, image_grid([tiles]), int(step), dataformats="HWC")
+        self.writer.flush()
+
+    def log_artifact(self, path: str | Path, name: str, kind: str = "model", aliases: Iterable[str] = ()) -> None:
+        self.writer.add_text(f"artifacts/{kind}", f"{name}: {path} ({', '.join(aliases)})")
+
+    def close(self) -> None:
+        if self.writer is None:
+            return
+        if self._hparams is not None and self._metric_keys:
+            from torch.utils.tensorboard.summary import hparams
+
+            experiment, _, session_end = hparams(self._hparams, dict.fromkeys(self._metric_keys, 0.0))
+            self.writer.file_writer.add_summary(experiment)
+            self.writer.file_writer.add_summary(session_end)
+        self.writer.close()
+        self.writer = None
+
+
 class LoggerGroup(Logger):
     """Fans every call out to several loggers; `close` closes all of them even if one fails."""
 
@@ -330,6 +414,12 @@ class LoggerGroup(Logger):
             raise first_error
 
 
+WANDB_ID_FILE = "wandb_run_id"
+"""The file in a run folder that holds its W&B run id, for `build_loggers(..., resume=True)`."""
+TENSORBOARD_DIR = "tensorboard"
+"""The folder in a run folder that holds its TensorBoard event files."""
+
+
 def build_loggers(
     output_dir: str | Path,
     *,
@@ -339,13 +429,18 @@ def build_loggers(
     wandb_entity: str | None = None,
     wandb_run_name: str | None = None,
     wandb_tags: Sequence[str] = (),
+    tensorboard: bool = False,
+    resume: bool = False,
     config: Mapping[str, Any] | None = None,
     is_main_process: bool = True,
 ) -> LoggerGroup:
     """The loggers a run asks for; an empty group on non-main processes.
 
-    JSONL goes to ``<output_dir>/metrics.jsonl``, wandb files under `output_dir` unless WANDB_DIR
-    is set; `config` is recorded through every logger's `log_config`.
+    JSONL goes to ``<output_dir>/metrics.jsonl`` (appended), TensorBoard event files to
+    ``<output_dir>/tensorboard/``, wandb files under `output_dir` unless WANDB_DIR is set.  The W&B run
+    id is written to ``<output_dir>/wandb_run_id``; with `resume` and that file present, the same W&B
+    run is continued (``resume="allow"``), else a new run starts and its id replaces the file's.
+    `config` is recorded through every logger's `log_config`.
     """
     if not is_main_process:
         return LoggerGroup()
@@ -355,10 +450,28 @@ def build_loggers(
         loggers.append(JsonlLogger(output_dir / "metrics.jsonl"))
     if wandb:
         wandb_dir = None if os.environ.get("WANDB_DIR") else output_dir
-        loggers.append(
-            WandbLogger(wandb_project, entity=wandb_entity, name=wandb_run_name, tags=wandb_tags, dir=wandb_dir)
+        id_file = output_dir / WANDB_ID_FILE
+        run_id = _read_run_id(id_file) if resume else None
+        logger = WandbLogger(
+            wandb_project, entity=wandb_entity, name=wandb_run_name, tags=wandb_tags, dir=wandb_dir,
+            id=run_id, resume="allow" if run_id else None,
         )
+        loggers.append(logger)
+        if logger.run is not None and getattr(logger.run, "id", None) and logger.run.id != run_id:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(id_file, f"{logger.run.id}\n".encode())
+    if tensorboard:
+        loggers.append(TensorBoardLogger(output_dir / TENSORBOARD_DIR))
     group = LoggerGroup(loggers)
     if config is not None:
         group.log_config(config)
     return group
+
+
+def _read_run_id(path: Path) -> str | None:
+    """The W&B run id stored in `path`, or None when there is none (a run that never logged to W&B)."""
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    return text if re.fullmatch(r"[\w\-]+", text) else None

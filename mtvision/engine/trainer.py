@@ -312,7 +312,8 @@ def setup_run(
         save_config(cfg, out / "config.yaml")
     run.loggers = build_loggers(
         out, wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project, wandb_entity=cfg.logging.wandb_entity,
-        wandb_run_name=cfg.logging.wandb_run_name, wandb_tags=cfg.logging.wandb_tags, config=config_to_dict(cfg),
+        wandb_run_name=cfg.logging.wandb_run_name, wandb_tags=cfg.logging.wandb_tags,
+        tensorboard=cfg.logging.tensorboard, resume=start is not None, config=config_to_dict(cfg),
         is_main_process=info.is_main,
     )
     closing.callback(run.loggers.close)

@@ -8,10 +8,14 @@ output) and wraps it in a `Backbone` whose `forward(x)` returns a list of NCHW m
 A `Backbone` can also be run stage by stage (`begin`, `run_stage`, `stage_feature`): stage i ends at
 output level i.  Soft-sharing decoders (cross-stitch) interleave several backbones that way.
 
-Local pretrained weights load through timm's `pretrained_cfg_overlay=dict(file=...)`, never
-`checkpoint_path=` (the module names of a features-only model differ from the original's).
-Safetensors files are read with safetensors, anything else with `torch.load(weights_only=True)`.
-The network is never touched: the Hugging Face hub is forced offline while a backbone is built.
+Pretrained weights come from one of two places (`create_backbone`'s `pretrained` and `weights`):
+a local file, loaded through timm's `pretrained_cfg_overlay=dict(file=...)`, never `checkpoint_path=`
+(the module names of a features-only model differ from the original's), safetensors read with
+safetensors and anything else with `torch.load(weights_only=True)`; or timm's pretrained tag of the
+model name (its default tag when the name has none), fetched through the Hugging Face hub cache exactly
+as `timm.create_model(name, pretrained=True)` does.  The user's HF_HUB_OFFLINE is respected, never set:
+offline, the weights must already be in the hub cache (HF_HUB_CACHE), and a miss is one `BackboneError`
+naming both ways out (a local `backbone.weights` file, or filling the cache online).
 """
 
 from __future__ import annotations
@@ -31,29 +35,42 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from mtvision.errors import MTVisionError, UnknownNameError, closest
+from mtvision.models.swin_mmseg import use_mmseg_windows
+
+_log = logging.getLogger(__name__)
 
 DEFAULT_MIN_STRIDE = 4
 OUTPUT_NORMS = ("none", "last", "all")
 """backbone.output_norm: no norm on the returned levels, a LayerNorm on the last one (the final
 norm of a ViT, which timm's features_only model drops) or on every level (mmseg's Swin)."""
+SWIN_IMPLS = ("timm", "mmseg")
+"""backbone.swin_impl: timm's Swin windows, or mmseg's (MTMamba's backbone; `swin_mmseg.py`)."""
+
+
+UPSAMPLE_MODES = ("nearest", "bilinear")
+"""backbone.upsample_mode: the mode set on every nn.Upsample of the model (None keeps timm's)."""
 
 
 class BackboneError(MTVisionError, ValueError):
     """A backbone cannot be built as asked (weights missing or unreadable, unsupported option)."""
 
 
-@contextlib.contextmanager
-def hub_offline() -> Iterator[None]:
-    """Set HF_HUB_OFFLINE=1 for the duration of the block, restoring the previous value afterwards."""
-    previous = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub client is in offline mode (the user's HF_HUB_OFFLINE; read, never set)."""
     try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = previous
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - timm depends on huggingface_hub
+        return True
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def hub_cache_dir() -> str:
+    """The Hugging Face hub cache folder in use (HF_HUB_CACHE, else HF_HOME/hub)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover
+        return "~/.cache/huggingface/hub"
+    return str(constants.HF_HUB_CACHE)
 
 
 class _MissingKeys(logging.Handler):
@@ -93,8 +110,9 @@ def check_backbone_name(name: str) -> None:
     """Raise UnknownNameError (with the closest timm name) unless timm knows `name`; refuse hub names."""
     if name.startswith(("hf-hub:", "hf_hub:", "local-dir:")):
         raise BackboneError(
-            f"backbone {name!r} refers to a remote or packaged model; use the plain timm architecture name "
-            "and give local weights with the backbone.weights option"
+            f"backbone {name!r} refers to a remote or packaged model; use the timm architecture name, with a "
+            "pretrained tag if you like (e.g. 'resnet18.a1_in1k'), and backbone.pretrained: true for timm's "
+            "weights through the hub cache, or backbone.weights for a local file"
         )
     if not timm.is_model(name):
         hint = closest(name, timm.list_models())
@@ -102,6 +120,14 @@ def check_backbone_name(name: str) -> None:
         if hint:
             msg += f"; did you mean {hint!r}?"
         raise UnknownNameError(msg + " (see timm.list_models())")
+    arch, tag = timm.models.split_model_name_tag(name)
+    if tag:
+        tags = timm.list_pretrained(f"{arch}.*")
+        if name not in tags:
+            hint = closest(name, tags)
+            msg = f"timm has no pretrained tag {tag!r} for backbone {arch!r}"
+            msg += f"; did you mean {hint!r}?" if hint else ""
+            raise UnknownNameError(msg + f" (tags: {', '.join(tags) or 'none'})")
 
 
 def _output_is_nhwc(body: nn.Module) -> bool:
@@ -319,9 +345,49 @@ def _check_weights_file(path: str | os.PathLike) -> Path:
     if not file.is_file():
         raise BackboneError(
             f"backbone weights file {str(file)!r} does not exist; set the backbone.weights option to a local "
-            ".safetensors, .pth or .bin file (nothing is downloaded)"
+            ".safetensors, .pth or .bin file, or backbone.weights=null with backbone.pretrained=true for timm's "
+            "pretrained weights through the Hugging Face hub cache, or backbone.pretrained=false to train from scratch"
         )
     return file
+
+
+def pretrained_hub_id(name: str) -> str:
+    """The hub repo (or URL) timm loads `name`'s pretrained weights from: its tag's, or the default tag's."""
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except RuntimeError as exc:  # an invalid tag
+        raise BackboneError(str(exc)) from None
+    source = cfg and (cfg.hf_hub_id or cfg.url)
+    if not source:
+        raise BackboneError(
+            f"timm has no pretrained weights for backbone {name!r}; set backbone.weights to a local weights file, "
+            "or backbone.pretrained=false to train from scratch"
+        )
+    return str(source)
+
+
+def _hub_error(name: str, hub_id: str, exc: BaseException) -> BackboneError:
+    """The one message for pretrained weights that neither the hub cache nor the network can give."""
+    if hub_offline():
+        why = "the hub is offline (HF_HUB_OFFLINE is set) and they are not in the hub cache"
+    else:
+        why = "they are not in the hub cache and could not be downloaded"
+    detail = "" if isinstance(exc, FileNotFoundError) else f" ({type(exc).__name__}: {str(exc)[:200]})"
+    return BackboneError(
+        f"cannot load timm's pretrained weights for backbone {name!r} ({hub_id}): {why} {hub_cache_dir()!r}"
+        f"{detail}. Either set "
+        "model.backbone.weights to a local weights file (.safetensors, .pth or .bin), or fill the hub cache: run "
+        f"once with the network on and HF_HUB_OFFLINE unset (python -c \"import timm; timm.create_model('{name}', "
+        "pretrained=True)\"), or point HF_HUB_CACHE at a cache that holds them. "
+        "model.backbone.pretrained=false trains from scratch"
+    )
+
+
+def _hub_failures() -> tuple[type[BaseException], ...]:
+    """The exceptions with which fetching hub or URL weights fails (missing in the cache, offline, HTTP)."""
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+
+    return (OSError, EntryNotFoundError, HfHubHTTPError)
 
 
 def create_backbone(
@@ -329,83 +395,169 @@ def create_backbone(
     *,
     out_indices: Sequence[int] | None = None,
     weights: str | os.PathLike | None = None,
-    pretrained: bool = False,
+    pretrained: bool | None = None,
     drop_path_rate: float | None = None,
     channels_last: bool = False,
     grad_checkpointing: bool = False,
     min_stride: int = DEFAULT_MIN_STRIDE,
     output_norm: str = "none",
     output_norm_eps: float = 1e-6,
+    swin_impl: str = "timm",
+    upsample_mode: str | None = None,
+    bn_momentum: float | None = None,
     **kwargs: Any,
 ) -> Backbone:
     """Build timm model `name` as a multi-scale `Backbone`.
 
     Args:
-        name: timm architecture name (`timm.list_models()`).
+        name: timm architecture name (`timm.list_models()`), optionally with a pretrained tag
+            (`timm.list_pretrained()`, e.g. "vit_large_patch16_384.augreg_in21k_ft_in1k").
         out_indices: timm feature indices to return; None keeps timm's default levels whose stride is
             at least `min_stride`.
         weights: local weights file (safetensors, or `.pth`/`.bin` read with `weights_only=True`), in
             the original timm model's naming.
-        pretrained: ask for pretrained weights; requires `weights` (nothing is downloaded).
+        pretrained: True: pretrained weights, from `weights` when given, else timm's tag of `name` (its
+            default tag when `name` has none) through the Hugging Face hub cache, as
+            `timm.create_model(name, pretrained=True)` loads them (HF_HUB_OFFLINE respected: offline, the
+            cache must hold them); False: random initialisation (a `weights` file is not loaded, with a
+            warning); None: `weights` when given, else random.
         drop_path_rate: stochastic depth rate, for models that take one.
         channels_last: run the backbone in channels-last memory format.
         grad_checkpointing: recompute activations in the backward pass.
         output_norm: "none", "last" or "all": LayerNorms (eps `output_norm_eps`) on the returned
-            levels (see OUTPUT_NORMS). With "last" on a ViT and a weights file, the last level's norm
-            starts from the file's final norm (`norm.weight`, `norm.bias`).
+            levels (see OUTPUT_NORMS). With "last" on a ViT and pretrained weights, the last level's norm
+            starts from the weights' final norm (`norm.weight`, `norm.bias`).
+        swin_impl: "timm", or "mmseg" for a timm Swin Transformer with mmseg's window attention
+            (padding before the cyclic shift, no window shrinking; see SWIN_IMPLS).
+        upsample_mode: None (timm's) or a mode from UPSAMPLE_MODES for every `nn.Upsample` of the
+            model ("bilinear" with align_corners=False: the HRNet fuse layers of the MTI-Net / PAD-Net
+            release, where timm's are "nearest"); an error for a model without one.
+        bn_momentum: None (timm's) or the momentum of every BatchNorm of the model (the release HRNet's
+            is 0.01, timm's 0.1).
         **kwargs: further timm model arguments (e.g. img_size, depth, dynamic_img_size).
     """
     check_backbone_name(name)
-    if pretrained and weights is None:
-        raise BackboneError(
-            f"pretrained weights were asked for backbone {name!r} but no file was given: set the "
-            "backbone.weights option to a local weights file (nothing is downloaded)"
-        )
+    if swin_impl not in SWIN_IMPLS:
+        raise BackboneError(f"unknown backbone.swin_impl {swin_impl!r} (valid: {', '.join(SWIN_IMPLS)})")
+    if swin_impl == "mmseg":
+        kwargs = _mmseg_swin_kwargs(name, kwargs)
+    load = weights is not None if pretrained is None else bool(pretrained)
+    if pretrained is False and weights is not None:
+        _log.warning("backbone.pretrained is false: backbone.weights %r is not loaded (random initialisation)", str(weights))
     timm_kwargs: dict[str, Any] = dict(kwargs)
     if out_indices is not None:
         timm_kwargs["out_indices"] = tuple(int(i) for i in out_indices)
     if drop_path_rate is not None:
         timm_kwargs["drop_path_rate"] = float(drop_path_rate)
-    if weights is not None:
+    file: Path | None = None
+    hub_id: str | None = None
+    if load and weights is not None:
         file = _check_weights_file(weights)
         timm_kwargs["pretrained_cfg_overlay"] = dict(file=str(file), source="", custom_load=file.suffix == ".npz")
+        source = f"backbone.weights {str(weights)!r}"
+    elif load:
+        hub_id = pretrained_hub_id(name)
+        source = f"timm's pretrained weights {hub_id!r}"
     try:
-        with hub_offline(), _collect_missing_keys() as missing:
-            body = timm.create_model(name, pretrained=weights is not None, features_only=True, **timm_kwargs)
-        absent = missing.non_classifier(name)
+        with _collect_missing_keys() as missing:
+            body = timm.create_model(name, pretrained=load, features_only=True, **timm_kwargs)
+        absent = missing.non_classifier(name) if load else []
         if absent:
-            raise BackboneError(f"{len(absent)} tensors are missing from the file, e.g. {absent[:5]}")
+            raise BackboneError(f"{len(absent)} tensors are missing from the weights, e.g. {absent[:5]}")
     except (pickle.UnpicklingError, EOFError) as exc:
+        if not load:
+            raise
         raise BackboneError(
-            f"backbone.weights {str(weights)!r} is not a plain tensor file and will not be unpickled "
+            f"{source} is not a plain tensor file and will not be unpickled "
             f"(only tensors load, torch.load(weights_only=True)): {exc}"
         ) from exc
     except BackboneError as exc:
-        raise BackboneError(f"cannot load backbone.weights {str(weights)!r} into {name!r}: {exc}") from None
+        raise BackboneError(f"cannot load {source} into {name!r}: {exc}") from None
     except Exception as exc:
-        if weights is None:
+        if not load:
             raise
-        raise BackboneError(f"cannot load backbone.weights {str(weights)!r} into {name!r}: {exc}") from exc
+        if hub_id is not None and isinstance(exc, _hub_failures()):
+            raise _hub_error(name, hub_id, exc) from exc
+        raise BackboneError(f"cannot load {source} into {name!r}: {exc}") from exc
+    _set_upsampling(body, name, upsample_mode)
+    _set_bn_momentum(body, name, bn_momentum)
     strides = list(body.feature_info.reduction())
     if out_indices is None:
         levels = [i for i, s in enumerate(strides) if s >= min_stride] or [len(strides) - 1]
     else:
         levels = list(range(len(strides)))
+    if swin_impl == "mmseg":
+        use_mmseg_windows(body)
     backbone = Backbone(body, name, levels=levels, channels_last=channels_last, output_norm=output_norm,
                         output_norm_eps=output_norm_eps)
-    if output_norm == "last" and weights is not None:
-        _load_final_norm(backbone, file)
+    if output_norm == "last" and load:
+        norm_file = file if file is not None else _cached_hub_file(name)
+        if norm_file is not None:
+            _load_final_norm(backbone, norm_file)
     if grad_checkpointing:
         backbone.set_grad_checkpointing(True)
     return backbone
 
 
+def _mmseg_swin_kwargs(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """timm arguments for mmseg's Swin: full windows and shifts on every map, masks for any input size."""
+    if timm.models.model_entrypoint(name).__module__ != "timm.models.swin_transformer":
+        raise BackboneError(f"backbone.swin_impl 'mmseg' applies to timm's Swin Transformers (swin_*), not {name!r}")
+    if not kwargs.get("always_partition", True):
+        raise BackboneError("backbone.swin_impl 'mmseg' never shrinks windows: drop always_partition: false")
+    return {**kwargs, "always_partition": True, "strict_img_size": False}
+
+
+def _set_upsampling(body: nn.Module, name: str, mode: str | None) -> None:
+    """Every `nn.Upsample` of `body` set to `mode` (align_corners=False for the linear modes)."""
+    if mode is None:
+        return
+    if mode not in UPSAMPLE_MODES:
+        raise BackboneError(f"unknown backbone.upsample_mode {mode!r} (valid: {', '.join(UPSAMPLE_MODES)})")
+    layers = [m for m in body.modules() if isinstance(m, nn.Upsample)]
+    if not layers:
+        raise BackboneError(f"backbone.upsample_mode applies to models with nn.Upsample layers, {name!r} has none")
+    for layer in layers:
+        layer.mode = mode
+        layer.align_corners = False if mode == "bilinear" else None
+
+
+def _set_bn_momentum(body: nn.Module, name: str, momentum: float | None) -> None:
+    """The running-statistics momentum of every BatchNorm of `body`."""
+    if momentum is None:
+        return
+    if not 0 < momentum <= 1:
+        raise BackboneError(f"backbone.bn_momentum must be in (0, 1], got {momentum}")
+    layers = [m for m in body.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not layers:
+        raise BackboneError(f"backbone.bn_momentum applies to models with BatchNorm layers, {name!r} has none")
+    for layer in layers:
+        layer.momentum = float(momentum)
+
+
+def _cached_hub_file(name: str) -> Path | None:
+    """The hub-cache file timm loaded `name`'s pretrained weights from (None for URL-only weights)."""
+    from huggingface_hub import try_to_load_from_cache
+    from timm.models._hub import hf_split
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or not cfg.hf_hub_id:
+        return None
+    repo, revision = hf_split(cfg.hf_hub_id)
+    for filename in (cfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin"):
+        found = try_to_load_from_cache(repo, filename, revision=revision) if filename else None
+        if isinstance(found, str):
+            return Path(found)
+    return None
+
+
 def _load_final_norm(backbone: Backbone, file: Path) -> None:
     """The last level's output norm from the weights file's final norm, when the file has one that fits."""
     if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
-        state = load_file(str(file))
+        with safe_open(str(file), framework="pt") as fh:
+            state = {k: fh.get_tensor(k) for k in ("norm.weight", "norm.bias") if k in fh.keys()}
     else:
         state = torch.load(file, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state

@@ -27,20 +27,27 @@ class BackboneConfig:
     """The timm backbone (see `mtvision.models.backbones.create_backbone`).
 
     name: timm architecture; out_indices: timm feature indices (None: timm's levels of stride >= 4);
-    weights: local weights file; pretrained: require weights; kwargs: further timm arguments;
+    weights: local weights file; pretrained: true: pretrained weights (`weights`, else timm's tag through
+    the hub cache), false: random initialisation, null: `weights` when given, else random; kwargs: further timm arguments;
     output_norm: "none", "last" (a LayerNorm on the last level: a ViT's final norm) or "all" (one on
-    every level, as mmseg's Swin); output_norm_eps: their epsilon.
+    every level, as mmseg's Swin); output_norm_eps: their epsilon; swin_impl: "timm" or "mmseg"
+    (a timm Swin with mmseg's window padding, shift mask and no window shrinking, as MTMamba's).
+    upsample_mode: None or the mode of every nn.Upsample of the model ("bilinear": the release
+    HRNet's fuse layers, timm's being "nearest"); bn_momentum: None or every BatchNorm's momentum.
     """
 
     name: str = "resnet18"
     out_indices: list[int] | None = None
     weights: str | None = None
-    pretrained: bool = False
+    pretrained: bool | None = None
     drop_path_rate: float | None = None
     channels_last: bool = False
     grad_checkpointing: bool = False
     output_norm: str = "none"
     output_norm_eps: float = 1e-6
+    swin_impl: str = "timm"
+    upsample_mode: str | None = None
+    bn_momentum: float | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 

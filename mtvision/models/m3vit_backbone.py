@@ -2,13 +2,15 @@
 
 `moeify_vit(vit, tasks)` turns a timm `VisionTransformer` into the M3ViT layout in place: the MLP of
 blocks 1, 3, 5, ... (`i % every == every - 1`, as in the released code) becomes a `MoE` with one
-noisy top-k gate per task (multi-gate MoE; 16 experts, top-4 by default, the released training
-command's `--moe_experts 16 --moe_top_k 4 --multi_gate True`).  When the experts have the dense
-MLP's hidden width, each expert starts as a copy of the dense MLP plus Gaussian noise of
-`noise_std` x each tensor's standard deviation (sparse upcycling: with the zero-initialised gate the
-layer then computes the dense MLP).  M3ViT's released runs use experts of hidden width 1 x d
-(`--moe_mlp_ratio 1`), which cannot be copied from a 4 x d MLP; those experts start from the ViT
-initialisation, as in the released code.
+top-k gate per task (multi-gate MoE; 16 experts, top-4 by default, the released training
+command's `--moe_experts 16 --moe_top_k 4 --multi_gate True`; the gate's behaviour comes from the
+`MoE` options passed through, which `mtvision/models/decoders/m3vit.py` sets to the release's).
+When the experts have the dense MLP's hidden width, each expert starts as a copy of the dense MLP
+plus Gaussian noise of `noise_std` x each tensor's standard deviation (sparse upcycling: with a
+zero-initialised, renormalising gate the layer then computes the dense MLP).  M3ViT's released
+runs use experts of hidden width 1 x d (`--moe_mlp_ratio 1`), which cannot be copied from a 4 x d
+MLP; those experts start from their own initialisation (the `MoE`'s `expert_init`), as in the
+released code.
 
 `M3ViTBackbone` runs the blocks before the first MoE block once for all tasks (the shared part),
 then branches: the token state is repeated once per requested task along the batch axis, and every

@@ -11,6 +11,16 @@ the smooth Load_e = Σ_x Φ((x·W_g)_e − kth_excluding(H(x), k, e)) / std_e) (
 expert e stays in the top k when only its own noise is redrawn).  Without noise (or with k = E)
 the load is the hard count of tokens routed to each expert.
 
+Options reproduce M3ViT's released gate (FastMoE `NoisyGate_VMoE` with `--vmoe_noisy_std 0`):
+`gate_values="softmax_top_k"` (softmax over all E logits, then the k largest probabilities kept as
+they are, summing to less than 1), `gate_init="kaiming_uniform"` (nn.Linear's init over the
+d x E gate: U(+-1/sqrt(E))), `expert_init="kaiming_uniform"` (FastMoE's expert init over each
+stacked E x out x in tensor: U(+-1/sqrt(out·in)), zero biases), `fixed_noise_std` (a constant
+noise scale instead of the trainable one, in training only; 0 in the release) and
+`balance_variance="unbiased"` (torch's default var, N - 1).  With fixed noise the smooth load
+uses that constant scale; the release's own smooth load at a non-zero scale compares raw logits
+with probability thresholds, which is not reproduced (its released scale is 0: hard counts).
+
 Routing is task-conditioned for multi-task models: `routing="per_task"` keeps one gate per task
 (M3ViT's multi-gate MoE), `routing="task_embedding"` feeds one shared gate with the token
 concatenated with a learned task embedding (M3ViT's task-conditioned MoE), `routing="shared"` is the
@@ -49,20 +59,27 @@ from mtvision.errors import MTVisionError, unknown_name
 
 ROUTINGS = ("shared", "per_task", "task_embedding")
 DISPATCHES = ("auto", "grouped", "batched")
+GATE_VALUES = ("top_k_softmax", "softmax_top_k")
+"""How gate values are made: a softmax over the k largest logits (Shazeer et al.; they sum to 1) or
+a softmax over all experts of which the k largest are kept unchanged (M3ViT's release)."""
+GATE_INITS = ("zeros", "kaiming_uniform")
+EXPERT_INITS = ("trunc_normal", "kaiming_uniform")
+VARIANCES = ("population", "unbiased")
 
 
 class MoEError(MTVisionError, ValueError):
     """A mixture-of-experts layer cannot be built or called as asked."""
 
 
-def cv_squared(x: Tensor, eps: float = 1e-10) -> Tensor:
-    """Squared coefficient of variation var(x)/mean(x)² (population variance, as in Shazeer et al.'s
-    reference code); 0 for fewer than two values."""
+def cv_squared(x: Tensor, eps: float = 1e-10, unbiased: bool = False) -> Tensor:
+    """Squared coefficient of variation var(x)/mean(x)² (population variance by default, as in
+    Shazeer et al.'s reference code; `unbiased`: divided by n - 1, as torch's `var()` that M3ViT's
+    release uses); 0 for fewer than two values."""
     x = x.float()
     if x.numel() < 2:
         return x.new_zeros(())
     mean = x.mean()
-    return ((x - mean) ** 2).mean() / (mean**2 + eps)
+    return ((x - mean) ** 2).sum() / (x.numel() - (1 if unbiased else 0)) / (mean**2 + eps)
 
 
 def prob_in_top_k(clean: Tensor, noisy: Tensor, noise_std: Tensor, k: int, top: Tensor | None = None) -> Tensor:
@@ -135,6 +152,12 @@ class MoE(nn.Module):
         task_embed_dim: width of the learned task embedding ("task_embedding" routing).
         noise_eps: added to softplus(x·W_noise) (Shazeer et al.'s reference code uses 1e-2).
         dispatch: "auto", "grouped" or "batched" (see the module docstring); same results, speed only.
+        gate_values: "top_k_softmax" or "softmax_top_k" (see GATE_VALUES).
+        gate_init: "zeros" (Shazeer et al.) or "kaiming_uniform" (nn.Linear's, M3ViT's release).
+        expert_init: "trunc_normal" (std 0.02) or "kaiming_uniform" (FastMoE's, M3ViT's release).
+        fixed_noise_std: a constant noise scale on the logits in training (needs noisy_gating=False;
+            M3ViT's release: --vmoe_noisy_std / E = 0).
+        balance_variance: "population" or "unbiased" variance in cv² (M3ViT's release: unbiased).
     """
 
     def __init__(
@@ -152,8 +175,19 @@ class MoE(nn.Module):
         task_embed_dim: int = 64,
         noise_eps: float = 1e-2,
         dispatch: str = "auto",
+        gate_values: str = "top_k_softmax",
+        gate_init: str = "zeros",
+        expert_init: str = "trunc_normal",
+        fixed_noise_std: float = 0.0,
+        balance_variance: str = "population",
     ):
         super().__init__()
+        for what, value, valid in (("gate_values", gate_values, GATE_VALUES), ("gate_init", gate_init, GATE_INITS),
+                                   ("expert_init", expert_init, EXPERT_INITS), ("balance_variance", balance_variance, VARIANCES)):
+            if value not in valid:
+                raise unknown_name(f"MoE {what}", value, valid)
+        if fixed_noise_std < 0 or (fixed_noise_std > 0 and noisy_gating):
+            raise MoEError(f"fixed_noise_std must be >= 0 and needs noisy_gating=False, got {fixed_noise_std}")
         if num_experts < 1 or top_k < 1:
             raise MoEError(f"num_experts and top_k must be >= 1, got {num_experts} and {top_k}")
         if top_k > num_experts:
@@ -172,19 +206,27 @@ class MoE(nn.Module):
         self.routing, self.noisy_gating = routing, noisy_gating
         self.capacity_factor, self.balance_weight, self.noise_eps = capacity_factor, balance_weight, noise_eps
         self.dispatch = dispatch
+        self.gate_values, self.fixed_noise_std = gate_values, float(fixed_noise_std)
+        self.unbiased_balance = balance_variance == "unbiased"
 
         # nn.Linear layout (out x in) per expert: bmm against the transposed view, or F.linear on one slice
         self.w1 = nn.Parameter(torch.empty(num_experts, hidden, dim))
         self.b1 = nn.Parameter(torch.zeros(num_experts, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.b2 = nn.Parameter(torch.zeros(num_experts, dim))
-        nn.init.trunc_normal_(self.w1, std=0.02)
-        nn.init.trunc_normal_(self.w2, std=0.02)
+        for w in (self.w1, self.w2):
+            if expert_init == "kaiming_uniform":  # fan-in of the stacked E x out x in tensor: out * in
+                nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+            else:
+                nn.init.trunc_normal_(w, std=0.02)
 
         gate_in = dim + (task_embed_dim if routing == "task_embedding" else 0)
         names = self.tasks if routing == "per_task" else ["shared"]
         # Shazeer et al. initialise W_g and W_noise to zero: no signal, some noise
         self.gate_weight = nn.ParameterDict({n: nn.Parameter(torch.zeros(gate_in, num_experts)) for n in names})
+        if gate_init == "kaiming_uniform":  # fan-in of the gate_in x E matrix: E
+            for w in self.gate_weight.values():
+                nn.init.kaiming_uniform_(w, a=math.sqrt(5))
         self.noise_weight = nn.ParameterDict(
             {n: nn.Parameter(torch.zeros(gate_in, num_experts)) for n in names} if noisy_gating else {}
         )
@@ -253,8 +295,8 @@ class MoE(nn.Module):
         return self.tasks.index(task)
 
     def gate_logits(self, x: Tensor, task: str | None = None) -> tuple[Tensor, Tensor | None]:
-        """Clean logits x·W_g (N x E, float32) and the noise scale (None when no noise applies: gating
-        is not noisy, or the layer is in eval mode)."""
+        """Clean logits x·W_g (N x E, float32) and the noise scale (None when no noise applies: no
+        noise is configured, or the layer is in eval mode)."""
         index = self._task_index(task)
         key = task if self.routing == "per_task" else "shared"
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -265,6 +307,8 @@ class MoE(nn.Module):
             clean = inp @ self.gate_weight[key].float()
             noisy = self.noisy_gating and self.training
             std = F.softplus(inp @ self.noise_weight[key].float()) + self.noise_eps if noisy else None
+            if self.fixed_noise_std > 0 and self.training:
+                std = clean.new_full(clean.shape, self.fixed_noise_std)
         return clean, std
 
     def _route(self, x: Tensor, task: str | None) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -275,9 +319,15 @@ class MoE(nn.Module):
         k = self.top_k
         balance = self.training and self.balance_weight > 0 and x.shape[0] > 0
         smooth_load = balance and noisy_now and k < self.num_experts
-        # the smooth load needs the (k+1)-th logit too: one topk serves both (noise makes ties impossible)
-        top_values, idx = top_k(logits, k + 1 if smooth_load else k)
-        gates = torch.softmax(top_values[:, :k], dim=-1)
+        if self.gate_values == "softmax_top_k":  # the k largest of the softmax over all experts, as they are
+            probs = torch.softmax(logits, dim=-1)
+            gates, idx = probs.topk(min(k + 1, self.num_experts), dim=-1)
+            gates = gates[:, :k]
+            top_values = logits.gather(1, idx) if smooth_load else None
+        else:
+            # the smooth load needs the (k+1)-th logit too: one topk serves both (noise makes ties impossible)
+            top_values, idx = top_k(logits, k + 1 if smooth_load else k)
+            gates = torch.softmax(top_values[:, :k], dim=-1)
         aux = None
         if balance:
             full = torch.zeros_like(logits).scatter(1, idx[:, :k], gates)
@@ -286,7 +336,8 @@ class MoE(nn.Module):
                 load = prob_in_top_k(clean, logits, std, k, top=top_values).sum(0)
             else:
                 load = (full > 0).float().sum(0)
-            aux = self.balance_weight * (cv_squared(importance) + cv_squared(load))
+            unbiased = self.unbiased_balance
+            aux = self.balance_weight * (cv_squared(importance, unbiased=unbiased) + cv_squared(load, unbiased=unbiased))
         return idx[:, :k], gates, aux
 
     # ------------------------------------------------------------------ dispatch

@@ -4,6 +4,9 @@ config.json holds `format_version`, `mtvision_version` and the `ModelConfig` fie
 format_version, an unknown key, a corrupt or truncated weights file, or a file that is not
 safetensors (e.g. a pickle) is a clear `ConfigError`/`CheckpointError`.
 
+`load_model` / `mtvision.load` take a local folder or `hf-hub:org/name[@revision]`, resolved through the
+Hugging Face hub cache (`hub_snapshot`).
+
 This is the loading side; writing (`save_pretrained`, `folder_config`, `push_to_hub` and the file names)
 lives in `mtvision/models/saving.py`, which imports neither the registry nor `MultiTaskModel`, and is
 re-exported here.  The import order is one-way: pretrained -> registry -> multitask -> saving.
@@ -44,6 +47,7 @@ __all__ = [
     "parse_folder_config",
     "push_to_hub",
     "read_config",
+    "hub_snapshot",
     "read_weights",
     "resolve_folder",
     "save_pretrained",
@@ -107,20 +111,54 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is not a readable safetensors file (corrupt or truncated?): {exc}") from exc
 
 
+HUB_PREFIXES = ("hf-hub:", "hf_hub:")
+"""A name starting with one of these is a Hugging Face hub repo (`hf-hub:org/name[@revision]`)."""
+
+
+def hub_snapshot(repo: str) -> Path:
+    """The local snapshot folder of hub repo `org/name[@revision]`, through the hub cache.
+
+    `huggingface_hub.snapshot_download` fetches config.json, model.safetensors and README.md into the
+    cache (HF_HUB_CACHE) unless they are there; the user's HF_HUB_OFFLINE is respected, and offline with
+    nothing cached is one ConfigError saying what to do.
+    """
+    repo_id, _, revision = repo.partition("@")
+    if not _REPO_ID.match(repo_id):
+        raise ConfigError(f"{repo!r} is not a hub repo id (expected org/name, optionally @revision)")
+    try:
+        from huggingface_hub import constants, snapshot_download
+        from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+    except ImportError:
+        raise ConfigError(
+            f"{repo!r} is not a local folder, and loading from the hub needs huggingface_hub (not installed)"
+        ) from None
+    try:
+        folder = snapshot_download(repo_id, revision=revision or None, allow_patterns=[*FOLDER_FILES])
+    except (OSError, EntryNotFoundError, HfHubHTTPError) as exc:
+        if constants.HF_HUB_OFFLINE:
+            why = "the hub is offline (HF_HUB_OFFLINE is set) and the model is not in the hub cache"
+        else:
+            why = f"it is not in the hub cache and could not be downloaded ({type(exc).__name__}: {str(exc)[:200]})"
+        raise ConfigError(
+            f"cannot load hub model {repo!r}: {why} {constants.HF_HUB_CACHE!r}. Run once with the network on and "
+            "HF_HUB_OFFLINE unset to fill the cache, point HF_HUB_CACHE at a cache that holds it, or give the "
+            f"path of a local pretrained folder ({CONFIG_NAME} + {WEIGHTS_NAME})"
+        ) from None
+    return Path(folder)
+
+
 def resolve_folder(name_or_path: str | os.PathLike) -> Path:
-    """A local pretrained folder, or a hub snapshot when `name_or_path` is a repo id and huggingface_hub exists."""
+    """A local pretrained folder; or the hub-cache snapshot of `hf-hub:org/name[@revision]` (also of a
+    plain `org/name` that is no local path), see `hub_snapshot`."""
+    text = str(name_or_path)
+    for prefix in HUB_PREFIXES:
+        if text.startswith(prefix):
+            return hub_snapshot(text[len(prefix) :])
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
-    text = str(name_or_path)
-    if _REPO_ID.match(text) and not path.exists():
-        try:
-            from huggingface_hub import snapshot_download
-        except ImportError:
-            raise ConfigError(
-                f"{text!r} is not a local folder, and loading from the hub needs huggingface_hub (not installed)"
-            ) from None
-        return Path(snapshot_download(text, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
+    if _REPO_ID.match(text.partition("@")[0]) and not path.exists():
+        return hub_snapshot(text)
     raise ConfigError(f"{text!r} is not a pretrained folder (expected a directory with {CONFIG_NAME})")
 
 

@@ -17,8 +17,9 @@ from mtvision.models.decoders.branched import BranchedDecoder
 from mtvision.models.decoders.invpt import CrossTaskAttentionDecoder
 from mtvision.models.decoders.m3vit import M3ViTDecoder
 from mtvision.models.decoders.mmoe import MMoEDecoder
+from mtvision.models.decoders.mtinet import MTINetDecoder
 from mtvision.models.decoders.mtmamba import CrossTaskSSMDecoder
-from mtvision.models.decoders.padnet import DistillationDecoder
+from mtvision.models.decoders.padnet import PADNetDecoder
 from mtvision.models.decoders.taps import TAPSDecoder
 from mtvision.models.decoders.taskexpert import TaskExpertDecoder
 from mtvision.models.decoders.taskprompter import TaskPrompterDecoder
@@ -33,7 +34,8 @@ DECODERS: dict[str, DecoderBuilder] = {
     "cross_stitch": CrossStitchDecoder,
     "invpt": CrossTaskAttentionDecoder,
     "taskprompter": TaskPrompterDecoder,
-    "padnet": DistillationDecoder,
+    "padnet": PADNetDecoder,
+    "mtinet": MTINetDecoder,
     "mmoe": MMoEDecoder,
     "m3vit": M3ViTDecoder,
     "mtmamba": CrossTaskSSMDecoder,
@@ -93,6 +95,9 @@ def build_model(config: ModelConfig) -> MultiTaskModel:
         grad_checkpointing=b.grad_checkpointing,
         output_norm=b.output_norm,
         output_norm_eps=b.output_norm_eps,
+        upsample_mode=b.upsample_mode,
+        bn_momentum=b.bn_momentum,
+        swin_impl=b.swin_impl,
         **b.kwargs,
     )
     decoder = builder(make_backbone, tasks, **config.decoder_options)

@@ -17,6 +17,7 @@ import json
 import os
 import stat
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,8 @@ from mtvision.errors import MTVisionError
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-FOLDER_FILES = (CONFIG_NAME, WEIGHTS_NAME)  # what a pretrained folder holds; only these may be replaced
+CARD_NAME = "README.md"  # the model card (optional; push_to_hub always writes one)
+FOLDER_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)  # what a pretrained folder holds; only these may be replaced
 
 
 def folder_config(model: torch.nn.Module) -> dict[str, Any]:
@@ -54,8 +56,16 @@ def _check_replaceable(directory: Path) -> None:
         )
 
 
-def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike) -> None:
-    """Write `config.json` and `model.safetensors` for `model` as the folder `directory`, atomically.
+def _earlier_card(directory: Path) -> bytes | None:
+    try:
+        return (directory / CARD_NAME).read_bytes()
+    except OSError:
+        return None
+
+
+def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike, model_card: str | None = None) -> None:
+    """Write `config.json` and `model.safetensors` for `model` as the folder `directory`, atomically,
+    plus `README.md` when `model_card` (markdown) is given (without one, a README.md already in the folder stays).
 
     `directory` is created, or replaced when it is empty or an earlier pretrained folder; a folder with
     other files in it raises FileExistsError (nothing is written).
@@ -72,6 +82,9 @@ def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike) -> Non
 
     def fill(folder: Path) -> None:
         _write_file(folder / CONFIG_NAME, lambda fh: fh.write(text))
+        card = model_card.encode("utf-8") if model_card is not None else _earlier_card(directory)
+        if card is not None:  # a card written earlier stays unless a new one is given
+            _write_file(folder / CARD_NAME, lambda fh: fh.write(card))
         weights = folder / WEIGHTS_NAME
         save_file(state, str(weights), metadata=meta)
         # safetensors creates its file with mode 0600; give it the mode config.json got from the umask
@@ -83,17 +96,44 @@ def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike) -> Non
 
 
 def push_to_hub(
-    model: torch.nn.Module, repo_id: str, private: bool = True, commit_message: str = "Upload model"
+    model: torch.nn.Module,
+    repo_id: str,
+    private: bool = True,
+    commit_message: str = "Upload model",
+    *,
+    metrics: Mapping[str, Any] | str | os.PathLike | None = None,
+    command: str | None = None,
+    data: str | None = None,
+    license: str = "apache-2.0",
+    config: str | os.PathLike | None = None,
 ) -> str:
-    """Save `model` to a temporary folder and upload it to hub repo `repo_id`; returns the repo URL."""
+    """Upload `model`'s pretrained folder (config.json, model.safetensors and a README.md model card) to
+    hub repo `repo_id`, created if needed; returns the repo URL.
+
+    Card contents (`mtvision/models/model_card.py`): the tasks, the architecture, `metrics` (task ->
+    metric -> value, or the path of an `mtv-eval` metrics JSON) with the `command` that produced them
+    (read from the JSON's "command" when not given), the `data` it was trained on, the `license` and the
+    experiment `config` (a YAML file, shown in full).  Loading back: `mtvision.load("hf-hub:<repo_id>")`.
+    """
+    from mtvision.models.model_card import model_card, read_metrics
+
     try:
         from huggingface_hub import HfApi
     except ImportError:
         raise MTVisionError("push_to_hub needs huggingface_hub: pip install huggingface_hub") from None
+    split = None
+    if metrics is not None and not isinstance(metrics, Mapping):
+        metrics, found_command, split = read_metrics(metrics)
+        command = command or found_command
+    experiment = Path(config).read_text(encoding="utf-8") if config is not None else None
+    card = model_card(
+        folder_config(model), repo_id=repo_id, metrics=metrics, command=command, split=split, data=data,
+        license=license, experiment_config=experiment, num_parameters=sum(p.numel() for p in model.parameters()),
+    )
     api = HfApi()
     url = api.create_repo(repo_id, private=private, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
-        save_pretrained(model, folder)
+        save_pretrained(model, folder, model_card=card)
         api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
     return str(url)

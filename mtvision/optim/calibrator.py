@@ -20,6 +20,13 @@ in every parameter's `.grad` what `optimizer.step()` needs:
 
 Task-specific parameters (the heads) always get their own task's plain gradient ∂L_t/∂θ_t.
 
+Besides Gramian aggregators and GradDrop, the method can be a gradient-tracking method
+(`mtvision.optim.tracked`: DB-MTL, MoCo, ExcessMTL), which needs the per-task gradients themselves
+and keeps state over them: it works at the "params" level only (see that package for why).  An
+aggregator that reuses its weights between updates (Nash-MTL with `update_weights_every` > 1)
+skips the per-task gradients on the steps in between: one backward pass of Σ_t w_t L_t at either
+level, about the cost of plain equal weighting.
+
 DDP (the model must be run under `no_sync`; the caller then averages every gradient except
 `synced_parameters` across ranks, as `MultiTaskObjective` does):
 
@@ -42,6 +49,7 @@ features level would otherwise have to keep every micro-batch's graph alive).
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -56,15 +64,19 @@ from mtvision.optim.gradients import (
     CalibrationStats,
     accumulate_grads,
     calibration_stats,
+    flatten,
     gramian,
     split_flat,
     task_order,
     upstream_parameters,
 )
+from mtvision.optim.tracked import TRACKED, GradientTracker, make_tracker
 
 LEVELS = ("features", "params", "fuller")
+METHODS = (*AGGREGATORS, *TRACKED, "graddrop")
+"""Every calibration method name: Gramian aggregators, gradient trackers and GradDrop."""
 
-__all__ = ["LEVELS", "CalibrationError", "CalibrationStats", "GradDrop", "GradientCalibrator", "make_calibration_method"]
+__all__ = ["LEVELS", "METHODS", "CalibrationError", "CalibrationStats", "GradDrop", "GradientCalibrator", "make_calibration_method"]
 
 
 class GradDrop:
@@ -94,12 +106,27 @@ class GradDrop:
         return f"GradDrop(leak={self.leak!r}, seed={self.seed})"
 
 
-class GradientCalibrator:
-    """Combine per-task gradients through `aggregator` (a Gramian -> weights map, or `GradDrop`) at `level`."""
+Method = Aggregator | GradDrop | GradientTracker
 
-    def __init__(self, model: nn.Module, aggregator: Aggregator | GradDrop, level: str = "features") -> None:
-        if level not in LEVELS:
-            raise CalibrationError(f"unknown calibration level {level!r} (valid: {', '.join(LEVELS)})")
+
+def check_level(method: Method, level: str) -> None:
+    """CalibrationError when `method` cannot run at `level` (gradient trackers need "params")."""
+    if level not in LEVELS:
+        raise CalibrationError(f"unknown calibration level {level!r} (valid: {', '.join(LEVELS)})")
+    if isinstance(method, GradientTracker) and level != "params":
+        raise CalibrationError(
+            f"{method.name!r} keeps per-task gradients from step to step, which needs coordinates that mean the "
+            f"same thing at every step: the shared parameters. Use level 'params' (at level {level!r} the "
+            "gradients are the current batch's activations)"
+        )
+
+
+class GradientCalibrator:
+    """Combine per-task gradients through `method` (a Gramian -> weights aggregator, `GradDrop`, or a
+    gradient tracker at the params level) at `level`."""
+
+    def __init__(self, model: nn.Module, aggregator: Method, level: str = "features") -> None:
+        check_level(aggregator, level)
         for method in ("shared_parameters", "task_parameters"):
             if not hasattr(model, method):
                 raise CalibrationError(f"the model has no {method}(); calibrate a mtvision MultiTaskModel")
@@ -122,8 +149,12 @@ class GradientCalibrator:
         scaled = {t: losses[t] * loss_scale for t in names} if loss_scale != 1.0 else dict(losses)
         heads = {t: [p for p in self.model.task_parameters(t) if p.requires_grad] for t in names}
         self.synced_parameters = []
+        reused = self._reusable(len(names))
+        if reused is not None:
+            return self._reuse(names, scaled, heads, loss_scale, reused, list(features))
         if self.level == "params":
-            return self._params(names, scaled, heads, loss_scale)
+            values = torch.stack([losses[t].detach().reshape(()).double() for t in names])
+            return self._params(names, scaled, heads, loss_scale, values)
         return self._features(names, scaled, heads, loss_scale, list(features), list(branches))
 
     def state_dict(self) -> dict:
@@ -176,7 +207,7 @@ class GradientCalibrator:
             torch.autograd.backward(reps, grad_tensors=combined)  # through the shared part only
         return calibration_stats(names, weights, k, finite)
 
-    def _params(self, names, losses, heads, loss_scale: float) -> CalibrationStats:
+    def _params(self, names, losses, heads, loss_scale: float, values: Tensor) -> CalibrationStats:
         shared = [p for p in self.model.shared_parameters() if p.requires_grad]
         if not shared:
             raise CalibrationError("the model has no shared parameters to calibrate")
@@ -197,6 +228,15 @@ class GradientCalibrator:
         if isinstance(self.aggregator, GradDrop):
             weights = torch.ones(len(names), dtype=torch.float64)
             combined_flat = graddrop(flat, leak=self.aggregator.leak, generator=self.aggregator.generator) if finite else flat.sum(0)
+        elif isinstance(self.aggregator, GradientTracker):
+            if dist.world_size() > 1:  # the loss values of the whole batch, like the averaged gradients
+                values = dist.all_reduce_mean_(values.to(flat.device)).cpu()
+            finite = finite and bool(torch.isfinite(values).all())
+            weights = torch.ones(len(names), dtype=torch.float64)
+            combined_flat = flat.sum(0)
+            if finite:  # non-finite: the step is skipped and the tracked state stays where it is
+                direction, weights = self.aggregator.combine(flat / loss_scale if loss_scale != 1.0 else flat, values)
+                combined_flat = direction * loss_scale if loss_scale != 1.0 else direction
         else:
             weights = self._weights(k, finite)
             combined_flat = weights.to(flat) @ flat
@@ -204,6 +244,73 @@ class GradientCalibrator:
             p.grad = part if p.grad is None else p.grad + part
         self.synced_parameters = shared
         return calibration_stats(names, weights, k, finite)
+
+    def _reusable(self, num_tasks: int) -> Tensor | None:
+        """The aggregator's reused weights for this call (None: per-task gradients are needed)."""
+        if self.level == "fuller" or not isinstance(self.aggregator, Aggregator) or num_tasks < 2:
+            return None
+        w = self.aggregator.reuse(num_tasks)
+        if w is None or not (abs(w) > 0).any():  # all weights 0: the per-task path handles it
+            return None
+        return torch.as_tensor(w, dtype=torch.float64)
+
+    def _reuse(self, names, losses, heads, loss_scale: float, weights: Tensor, features) -> CalibrationStats:
+        """One backward pass of Σ_t w_t L_t with the aggregator's reused weights: the same gradients
+        as the per-task path with these weights (heads keep their own plain gradients)."""
+        owned = [id(p) for t in names for p in heads[t]]
+        if len(set(owned)) != len(owned):
+            raise CalibrationError("task parameters shared between tasks: weights cannot be reused in one backward pass")
+        top = float(weights.abs().max())
+        small = [t for t, w in zip(names, weights.tolist()) if abs(w) <= 1e-6 * top]
+        for t in small:  # a head whose weight is (nearly) 0: its own gradient, through the head only
+            if heads[t]:
+                accumulate_grads(heads[t], torch.autograd.grad(losses[t], heads[t], retain_graph=True, allow_unused=True))
+        total = sum(float(w) * losses[t] for t, w in zip(names, weights.tolist()) if t not in small)
+        big = [t for t in names if t not in small]
+        head_params = [p for t in big for p in heads[t]]
+        if self.level == "params":
+            shared = [p for p in self.model.shared_parameters() if p.requires_grad]
+            grads = torch.autograd.grad(total, shared + head_params, allow_unused=True)
+            flat = flatten(shared, grads[: len(shared)])
+            if dist.world_size() > 1:
+                dist.all_reduce_mean_(flat)
+            norm = float(flat.double().norm()) / loss_scale
+            down, between = [], []
+        else:
+            reps = [r for r in features if r.requires_grad]
+            if not reps:
+                raise CalibrationError("the model exposes no shared representation that requires grad: use level='params'")
+            below = upstream_parameters(reps)
+            between = [p for p in self.model.shared_parameters() if p.requires_grad and id(p) not in below]
+            grads = torch.autograd.grad(total, reps + between + head_params, retain_graph=True, allow_unused=True)
+            down = [torch.zeros_like(r) if g is None else g for r, g in zip(reps, grads[: len(reps)])]
+            sq = sum(g.double().pow(2).sum() for g in down)
+            if dist.world_size() > 1:
+                dist.all_reduce_sum_(sq)
+                sq = sq / dist.world_size() ** 2
+            norm = float(sq.sqrt()) / loss_scale
+            shared = reps
+        finite = math.isfinite(norm)
+        factor = self.aggregator.reused(norm) if finite else 1.0
+        rest = grads[len(shared) :]
+        for p, g in zip(between, rest[: len(between)]):
+            if g is not None:
+                accumulate_grads([p], [g * factor])
+        offset = len(between)
+        for t, w in zip(names, weights.tolist()):
+            if t in small:
+                continue
+            part = rest[offset : offset + len(heads[t])]
+            offset += len(heads[t])
+            accumulate_grads(heads[t], [None if g is None else g / w for g in part])
+        if self.level == "params":
+            for p, part in zip(shared, split_flat(flat * factor, shared)):
+                p.grad = part if p.grad is None else p.grad + part
+            self.synced_parameters = shared
+        else:
+            torch.autograd.backward(reps, grad_tensors=[g * factor for g in down])
+        nan = torch.full((len(names), len(names)), float("nan"), dtype=torch.float64)
+        return calibration_stats(names, weights * factor, nan, finite)
 
     # ------------------------------------------------------------------------------------ pieces
     def _weights(self, gramian: Tensor, finite: bool) -> Tensor:
@@ -262,10 +369,18 @@ def make_calibration_method(
         cls = GradDrop
     elif method in AGGREGATORS:
         cls = AGGREGATORS[method]
+    elif method in TRACKED:
+        if sam_rho is not None:
+            raise CalibrationError(f"the sharpness-aware step needs a Gramian aggregator, not {method!r}")
+        cls = TRACKED[method]
     else:
-        raise unknown_name("calibration method", method, [*AGGREGATORS, "graddrop"])
+        raise unknown_name("calibration method", method, METHODS)
     valid = list(inspect.signature(cls).parameters)
     for key in options:
         if key not in valid:
             raise unknown_name(f"option of calibration method {method!r}", key, valid)
-    return GradDrop(**options) if cls is GradDrop else make_aggregator(method, **options)
+    if cls is GradDrop:
+        return GradDrop(**options)
+    built = make_tracker(method, **options) if method in TRACKED else make_aggregator(method, **options)
+    check_level(built, level)
+    return built

@@ -27,8 +27,9 @@ Protocol, per optimizer step ``step`` (the same number for every micro-batch of 
    rank computes the same weights).
 
 Methods (``WEIGHTINGS``): ew, fixed, uw (Kendall et al. 2018), dwa (Liu et al. 2019), gradnorm
-(Chen et al. 2018), rlw (Lin et al. 2022), gls (Chennupati et al. 2019), famo (Liu et al. 2023) and
-igb (Dai et al. 2023, the heuristic IGB_v1 only). Each class documents its formula and defaults.
+(Chen et al. 2018), rlw (Lin et al. 2022), gls (Chennupati et al. 2019), log (the MTMamba releases'
+log losses), famo (Liu et al. 2023), igb (Dai et al. 2023, the heuristic IGB_v1 only), stch (Lin et al.
+2024) and go4align (Shen et al. 2024). Each class documents its formula and defaults.
 
 Bad input: losses whose keys differ from the tasks raise `LossWeightingError` naming the missing and
 extra tasks. A non-finite loss makes ``total`` non-finite (the trainer skips the step) and changes no
@@ -48,6 +49,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from mtvision import distributed as dist
 from mtvision.errors import MTVisionError, unknown_name
 
 __all__ = [
@@ -55,12 +57,15 @@ __all__ = [
     "EqualWeighting",
     "FAMO",
     "FixedWeighting",
+    "GO4Align",
     "GeometricLossStrategy",
     "GradNorm",
     "IGB",
+    "LogLossWeighting",
     "LossWeighting",
     "LossWeightingError",
     "RandomLossWeighting",
+    "STCH",
     "UncertaintyWeighting",
     "WEIGHTINGS",
     "make_weighting",
@@ -438,6 +443,34 @@ class GeometricLossStrategy(LossWeighting):
         return total, (total / (self.num_tasks * vec)).detach()
 
 
+class LogLossWeighting(LossWeighting):
+    """Log losses, the `log` loss scheme of the MTMamba releases: L = Σ_t w_t log(L_t + ε), fixed
+    `weights` w_t (tasks not named get 1.0; the releases use 1 for every task) and ε = 1e-8.
+
+    The model gradient is Σ_t w_t ∇L_t / (L_t + ε): each task counts by its relative change. The
+    reported weights are these effective weights w_t / (L_t + ε). `optim.loss_weights` multiply L_t
+    inside the log and so leave the gradient unchanged: use `weights`. Each micro-batch's losses go
+    through the log, as the release does per GPU (one image per GPU, DDP averaging the gradients
+    of 8 GPUs): one image per micro-batch on 8 processes (or 8 accumulated micro-batches) gives the
+    release's gradient; a batch of 8 in one micro-batch takes the log of its mean loss instead.
+    Losses must be > -ε.
+    """
+
+    name = "log"
+
+    def __init__(self, tasks: Sequence[str], weights: Mapping[str, float] | None = None, eps: float = 1e-8) -> None:
+        super().__init__(tasks)
+        if not eps >= 0:
+            raise LossWeightingError(f"eps must be >= 0, got {eps}")
+        self.eps = float(eps)
+        self.register_buffer("weights", torch.tensor(_task_values(self.tasks, weights, "weights", 1.0)))
+
+    def _combine(self, vec: Tensor, step: int, finite: bool, shared: Any) -> tuple[Tensor, Tensor]:
+        w = self.weights.to(vec)
+        shifted = vec + self.eps
+        return (w * torch.log(shifted)).sum(), (w / shifted).detach()
+
+
 class FAMO(LossWeighting):
     """Fast Adaptive Multitask Optimization (FAMO), Liu, Liu, Stone & Liu, NeurIPS 2023.
 
@@ -569,6 +602,166 @@ class IGB(_EpochLosses):
             self.has_base.fill_(True)
 
 
+def _global_losses(vec: Tensor) -> Tensor:
+    """The detached losses averaged over the DDP ranks (each rank's loss is its share of the global
+    batch's, so the mean is the global batch's loss); unchanged in one process.  Every rank must call
+    it at the same point (the objective calls the weighting once per micro-batch on every rank)."""
+    values = vec.detach().double().clone()
+    if dist.world_size() > 1:
+        dist.all_reduce_mean_(values)
+    return values
+
+
+def _linearised(value: Tensor, coef: Tensor, vec: Tensor) -> Tensor:
+    """`value` with the gradient Σ_t coef_t ∇L_t (coefficients computed from the global losses)."""
+    return value.to(vec.dtype) + (coef.to(vec) * (vec - vec.detach())).sum()
+
+
+class STCH(_EpochLosses):
+    """Smooth Tchebycheff scalarisation (STCH; Lin, Zhang, Yang, Zhang & Zhang, "Smooth Tchebycheff
+    Scalarization for Multi-Objective Optimization", ICML 2024), in the form of the authors' MTL code
+    (Xi-L/STCH, STCH_MTL; also LibMTL's `STCH`).
+
+    Warm-up: during epochs 1..`warmup_epoch` (the release's epochs 0..warmup_epoch−1) the total is
+    Σ_t log(L_t + ε); the next epoch uses the same total and averages its losses into the reference
+    point z_t (the release's "nadir vector": the losses the scalarisation is normalised by).  Then
+        total = T μ log Σ_t exp(ℓ_t / μ),   ℓ_t = log(L_t / z_t + ε),
+    the smooth maximum of the normalised log losses (gradient weights T softmax(ℓ/μ)_t / (L_t + ε z_t):
+    the worst task leads; as μ → 0 the total tends to T max_t ℓ_t, the Tchebycheff scalarisation).
+    μ = 1 and warmup_epoch = 4 are the defaults of the release and LibMTL, ε = 1e-20.  If the
+    averaging epoch saw no finite loss, the next epoch that does is used.
+
+    The weights come from the losses averaged over the DDP ranks (one small all-reduce per
+    micro-batch), so every rank weights alike and DDP equals one process on the whole batch; the
+    total has the STCH value and the gradient Σ_t c_t ∇L_t with those weights c_t (reported).
+    Losses must be positive.
+    """
+
+    name = "stch"
+
+    def __init__(self, tasks: Sequence[str], mu: float = 1.0, warmup_epoch: int = 4, eps: float = 1e-20) -> None:
+        super().__init__(tasks)
+        if not (math.isfinite(mu) and mu > 0):
+            raise LossWeightingError(f"STCH mu must be > 0, got {mu}")
+        if int(warmup_epoch) != warmup_epoch or warmup_epoch < 0:
+            raise LossWeightingError(f"STCH warmup_epoch must be an integer >= 0, got {warmup_epoch}")
+        if not eps >= 0:
+            raise LossWeightingError(f"eps must be >= 0, got {eps}")
+        self.mu, self.warmup_epoch, self.eps = float(mu), int(warmup_epoch), float(eps)
+        self.register_buffer("reference", torch.ones(self.num_tasks, dtype=torch.float64))
+        self.register_buffer("has_reference", torch.zeros((), dtype=torch.bool))
+
+    def _combine(self, vec: Tensor, step: int, finite: bool, shared: Any) -> tuple[Tensor, Tensor]:
+        losses = _global_losses(vec)
+        finite = finite and bool(torch.isfinite(losses).all())
+        if not bool(self.has_reference):
+            if int(self.epochs_done) >= self.warmup_epoch:
+                self._accumulate(losses, finite)
+            value = torch.log(losses + self.eps).sum()
+            coef = 1.0 / (losses + self.eps)
+        else:
+            z = self.reference
+            scaled = torch.log(losses / z + self.eps) / self.mu
+            value = self.num_tasks * self.mu * torch.logsumexp(scaled, dim=0)
+            coef = self.num_tasks * torch.softmax(scaled, dim=0) / (losses + self.eps * z)
+        return _linearised(value, coef, vec), coef.to(vec.dtype)
+
+    def end_epoch(self, epoch_losses: Mapping[str, float] | None = None) -> None:
+        """At the end of the averaging epoch, fix the reference point to its average losses."""
+        if bool(self.has_reference):
+            self.epochs_done += 1
+            return
+        avg = self._epoch_average(epoch_losses)
+        if int(self.epochs_done) > self.warmup_epoch and avg is not None:
+            self.reference.copy_(avg)
+            self.has_reference.fill_(True)
+
+
+def group_means(values: Tensor, num_groups: int) -> Tensor:
+    """Each value replaced by the mean of its group, in the optimal 1-D k-means partition of `values`
+    into `num_groups` groups (contiguous in sorted order; exact, by dynamic programming over the
+    sorted values; ties are broken towards the earlier split)."""
+    t = values.numel()
+    k = min(int(num_groups), t)
+    if k <= 1:
+        return values.mean().expand(t).clone()
+    if k == t:
+        return values.clone()
+    order = torch.argsort(values, stable=True)
+    v = values[order].double().tolist()
+    prefix, prefix_sq = [0.0], [0.0]
+    for x in v:
+        prefix.append(prefix[-1] + x)
+        prefix_sq.append(prefix_sq[-1] + x * x)
+
+    def sse(i: int, j: int) -> float:  # within-group squared error of v[i:j]
+        s = prefix[j] - prefix[i]
+        return prefix_sq[j] - prefix_sq[i] - s * s / (j - i)
+
+    inf = float("inf")
+    cost = [[inf] * (t + 1) for _ in range(k + 1)]
+    split = [[0] * (t + 1) for _ in range(k + 1)]
+    cost[0][0] = 0.0
+    for g in range(1, k + 1):
+        for j in range(g, t + 1):
+            for i in range(g - 1, j):
+                c = cost[g - 1][i] + sse(i, j)
+                if c < cost[g][j] - 1e-15 * max(1.0, abs(c)):
+                    cost[g][j], split[g][j] = c, i
+    out = [0.0] * t
+    j = t
+    for g in range(k, 0, -1):
+        i = split[g][j]
+        mean = (prefix[j] - prefix[i]) / (j - i)
+        for pos in range(i, j):
+            out[pos] = mean
+        j = i
+    result = torch.empty(t, dtype=torch.float64)
+    result[order] = torch.tensor(out, dtype=torch.float64)
+    return result.to(values)
+
+
+class GO4Align(LossWeighting):
+    """GO4Align (Shen, Wang, Xiao, van Noord & Worring, "GO4Align: Group Optimization for Multi-Task
+    Alignment", NeurIPS 2024), as the official code (autumn9999/GO4Align, `GO4ALIGN`) computes it.
+
+    Risk-guided group indicators, each step: the risk probabilities p (starting at 1/T) become
+    p_t ← p_t exp(−η L_t), normalised to sum 1 (η = `robust_step_size` = 1e-4); each task's
+    indicator is γ_t = p_t · Σ_i L_i / L_t (a task whose loss is small next to the others' gets a
+    large indicator).  Dynamical group assignment: the indicators are clustered into `num_groups`
+    groups by k-means (exact 1-D k-means here, `group_means`; the release calls a k-means package)
+    and every task of a group gets its group's mean indicator as its weight: total = Σ_t w_t L_t
+    (w held constant).  num_groups = 1 is the release's default (one group: every task gets the
+    mean indicator); more groups than tasks give each task its own indicator.
+
+    The indicators come from the losses averaged over the DDP ranks (one small all-reduce per
+    micro-batch), so every rank weights alike; each call (micro-batch) moves p once, as one step of
+    the release.  Losses must be positive (a zero loss makes the step non-finite: it is skipped).
+    """
+
+    name = "go4align"
+
+    def __init__(self, tasks: Sequence[str], num_groups: int = 1, robust_step_size: float = 1e-4) -> None:
+        super().__init__(tasks)
+        if int(num_groups) != num_groups or num_groups < 1:
+            raise LossWeightingError(f"GO4Align num_groups must be an integer >= 1, got {num_groups}")
+        if not (math.isfinite(robust_step_size) and robust_step_size >= 0):
+            raise LossWeightingError(f"robust_step_size must be a finite number >= 0, got {robust_step_size}")
+        self.num_groups, self.robust_step_size = int(num_groups), float(robust_step_size)
+        self.register_buffer("probs", torch.full((self.num_tasks,), 1.0 / self.num_tasks, dtype=torch.float64))
+
+    def _combine(self, vec: Tensor, step: int, finite: bool, shared: Any) -> tuple[Tensor, Tensor]:
+        losses = _global_losses(vec)
+        finite = finite and bool(torch.isfinite(losses).all())
+        probs = self.probs * torch.exp(-self.robust_step_size * losses)
+        probs = probs / probs.sum()
+        if finite:
+            self.probs.copy_(probs)
+        indicators = probs * losses.sum() / losses
+        weights = group_means(indicators, self.num_groups).to(vec.dtype)
+        return (weights * vec).sum(), weights
+
+
 WEIGHTINGS: dict[str, type[LossWeighting]] = {
     cls.name: cls
     for cls in (
@@ -579,8 +772,11 @@ WEIGHTINGS: dict[str, type[LossWeighting]] = {
         GradNorm,
         RandomLossWeighting,
         GeometricLossStrategy,
+        LogLossWeighting,
         FAMO,
         IGB,
+        STCH,
+        GO4Align,
     )
 }
 

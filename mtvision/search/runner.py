@@ -25,8 +25,7 @@ import torch
 from mtvision import distributed as dist
 from mtvision.config import save_config
 from mtvision.data.sample import IMAGENET_MEAN, IMAGENET_STD
-from mtvision.data.transforms import train_transforms
-from mtvision.engine.data import SeededAugmentation, make_dataset, train_indices, train_loader
+from mtvision.engine.data import SeededAugmentation, augmentation, make_dataset, train_indices, train_loader
 from mtvision.engine.progress import Progress
 from mtvision.engine.run_folder import check_output_dir, prepare_output_dir
 from mtvision.errors import MTVisionError
@@ -69,7 +68,7 @@ def build_search_data(cfg: SearchConfig, holdout: bool, rank: int = 0, world: in
     d, opts = cfg.data, cfg.search
     base = make_dataset(d, d.train_split)
     indices = train_indices(d, len(base))
-    tf = train_transforms(d.height, d.width, tuple(d.scale_range), d.flip, d.photometric, mean=mean, std=std)
+    tf = augmentation(d, mean, std)
     arch = None
     weight_idx = indices
     if holdout:

@@ -52,9 +52,13 @@ def test_folder_of_images_gives_pictures_and_arrays(model_dir, tmp_path):
     for t in want:
         np.testing.assert_allclose(np.load(out / f"a_{t}.npy"), want[t], atol=1e-5)
     semseg_png = cv2.imread(str(out / "a_semseg.png"))
-    assert semseg_png.shape == (40, 52, 3)
     expected_rgb = mtvision.visualize.colorize_labels(want["semseg"])
-    assert np.array_equal(semseg_png[..., ::-1], expected_rgb)
+    # the map at the image's size, then its legend on the right (white background)
+    assert semseg_png.shape[0] == 40 and semseg_png.shape[1] > 52
+    assert np.array_equal(semseg_png[:, :52, ::-1], expected_rgb)
+    plain = tmp_path / "plain"
+    assert main(["--model", str(model_dir), "--input", str(images / "a.png"), "--out", str(plain), "--no-key", "--no-progress"]) == 0
+    assert np.array_equal(cv2.imread(str(plain / "a_semseg.png"))[..., ::-1], expected_rgb)
 
 
 def test_single_image_and_task_subset(model_dir, tmp_path):
@@ -85,7 +89,7 @@ def test_failures_are_clear(model_dir, tmp_path, capsys):
     _write(tmp_path / "y.png", 20, 20, 3)
     assert (
         main(["--model", str(tmp_path / "missing"), "--input", str(tmp_path / "y.png"), "--out", str(tmp_path / "o")])
-        == 1
+        == 2  # a --model that is no model: a usage error
     )
     assert "not a pretrained folder" in capsys.readouterr().err
     assert (
@@ -101,7 +105,7 @@ def test_failures_are_clear(model_dir, tmp_path, capsys):
                 "dpth",
             ]
         )
-        == 1
+        == 2  # an unknown task: a usage error
     )
     assert "did you mean 'depth'" in capsys.readouterr().err
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nxxxx")

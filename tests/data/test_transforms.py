@@ -517,3 +517,42 @@ def test_reseed_makes_the_output_a_function_of_the_seed_only():
     assert torch.equal(out_a["image"], out_b["image"]) and torch.equal(out_a["depth"], out_b["depth"])
     a.reseed([7, 0, 4])
     assert not torch.equal(a(raw)["image"], out_a["image"])
+
+
+def _two_class_strip() -> dict:
+    """8 x 40: columns 0-31 class 0, 32-39 class 1 (a 8 x 8 crop is varied only at left 27-29)."""
+    semseg = np.zeros((8, 40), dtype=np.int64)
+    semseg[:, 32:] = 1
+    return {"image": np.zeros((8, 40, 3), dtype=np.uint8), "semseg": semseg, "meta": {}}
+
+
+def test_cat_max_ratio_redraws_crops_that_one_class_dominates():
+    raw = _two_class_strip()
+
+    def varied(out):
+        share = np.bincount(out["semseg"].ravel(), minlength=2) / out["semseg"].size
+        return share.min() > 0 and share.max() < 0.75
+
+    checked = [varied(T.RandomCrop(8, 8, seed=s, cat_max_ratio=0.75)(raw)) for s in range(200)]
+    plain = [varied(T.RandomCrop(8, 8, seed=s)(raw)) for s in range(200)]
+    # one draw is varied with probability 3/33; ten checked draws and an unchecked last one:
+    # 1 - (30/33)^10 (1 - 3/33) = 0.65
+    assert 0.5 < np.mean(checked) < 0.8 and np.mean(plain) < 0.2
+    assert repr(T.RandomCrop(8, 8, cat_max_ratio=0.75)) == "RandomCrop(8, 8, image_fill=(0.0, 0.0, 0.0), cat_max_ratio=0.75)"
+
+
+def test_cat_max_ratio_keeps_the_eleventh_draw_ignores_255_and_needs_semseg():
+    raw = _two_class_strip()
+    raw["semseg"][:, 32:] = 255  # ignored: one class left, no window can pass
+    out = T.RandomCrop(8, 8, seed=4, cat_max_ratio=0.75)(dict(raw, depth=np.arange(320, dtype=np.float32).reshape(8, 40, 1)))
+    rng = np.random.default_rng(4)
+    for _ in range(T.CAT_MAX_TRIES + 1):  # ten checked draws, then the last one unchecked
+        top = int(rng.integers(0, 1))
+        left = int(rng.integers(0, 33))
+    assert top == 0 and out["depth"][0, 0, 0] == left
+    no_labels = {"image": raw["image"], "depth": np.arange(320, dtype=np.float32).reshape(8, 40, 1), "meta": {}}
+    a = T.RandomCrop(8, 8, seed=4, cat_max_ratio=0.75)(no_labels)
+    b = T.RandomCrop(8, 8, seed=4)(no_labels)
+    np.testing.assert_array_equal(a["depth"], b["depth"])  # no semseg target: no redraw
+    with pytest.raises(ValueError, match="cat_max_ratio"):
+        T.RandomCrop(8, 8, cat_max_ratio=0.0)

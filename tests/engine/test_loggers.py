@@ -186,7 +186,8 @@ def test_colour_pair_puts_target_and_prediction_on_one_scale():
     assert prediction_rgb[0, 0].tolist() == colorize(np.array([[1.0, 4.0]]))[0, 1].tolist()
     assert target_rgb[1, 1].tolist() == colorize(np.array([[1.0, 4.0]]))[0, 0].tolist()
     none_rgb, alone = L.colour_pair("saliency", None, np.array([[0.0, 1.0]]))
-    assert none_rgb is None and alone[0, 1].tolist() == [255, 255, 255]
+    assert none_rgb is None and alone.tolist() == get_task("saliency").colorize(np.array([[0.0, 1.0]])).tolist()
+    assert alone[0, 0].tolist() != alone[0, 1].tolist()  # the top of the heat scale, not its bottom
 
 
 def test_class_labels_name_present_ids_and_ignore():
@@ -291,3 +292,99 @@ def test_wandb_offline_run_records_everything(tmp_path, monkeypatch):
     assert set(artifact.aliases) == {"best", "step-8", "latest"}  # wandb adds 'latest' itself
     assert sorted(entry.path for entry in artifact.manifest.contents) == ["config.json", "model.safetensors"]
     assert wandb_logger.run is None  # finished
+
+
+# ---------------------------------------------------------------- W&B resume: the same run continues
+def test_wandb_resume_continues_the_run_stored_in_the_run_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    out = tmp_path / "run"
+    first = L.build_loggers(out, wandb=True, jsonl=False)
+    first_id = first.loggers[0].run.id
+    first.close()
+    assert (out / L.WANDB_ID_FILE).read_text().strip() == first_id
+    resumed = L.build_loggers(out, wandb=True, jsonl=False, resume=True)
+    assert resumed.loggers[0].run.id == first_id
+    resumed.close()
+    fresh = L.build_loggers(out, wandb=True, jsonl=False, resume=False)  # a new training: a new W&B run
+    fresh_id = fresh.loggers[0].run.id
+    fresh.close()
+    assert fresh_id != first_id and (out / L.WANDB_ID_FILE).read_text().strip() == fresh_id
+    import wandb
+
+    wandb.teardown()
+
+
+def test_resume_without_a_stored_id_starts_a_new_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    calls = []
+    monkeypatch.setattr(L.WandbLogger, "__init__", lambda self, *a, **k: calls.append(k) or setattr(self, "run", None))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / L.WANDB_ID_FILE).write_text("not an id!\n")
+    L.build_loggers(tmp_path / "run", wandb=True, jsonl=False, resume=True)
+    L.build_loggers(tmp_path / "other", wandb=True, jsonl=False, resume=True)
+    assert [(c["id"], c["resume"]) for c in calls] == [(None, None), (None, None)]
+
+
+# ---------------------------------------------------------------- TensorBoard, read back with tensorboard's reader
+def _events(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def test_tensorboard_writes_scalars_pictures_and_hparams(tmp_path):
+    import cv2
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    config = {"optim": {"lr": 0.002, "betas": [0.9, 0.999]}, "seed": 7, "model": {"decoder": "hps", "weights": None}}
+    group = L.build_loggers(tmp_path, tensorboard=True, config=config)
+    assert [type(lg) for lg in group.loggers] == [L.JsonlLogger, L.TensorBoardLogger]
+    group.log_scalars({"train/loss/total": 0.75, "train/lr": 1e-3}, step=4)
+    group.log_scalars({"train/loss/total": 0.5}, step=8)
+    group.log_scalars({"val/semseg/mIoU": 41.5, "val/score": 0.25}, step=8)
+    panel = semseg_depth_panel()
+    group.log_predictions(8, [panel])
+    group.close()
+
+    events = _events(tmp_path / L.TENSORBOARD_DIR)
+    assert [(e.step, e.value) for e in events.Scalars("train/loss/total")] == [(4, 0.75), (8, 0.5)]
+    assert [(e.step, e.value) for e in events.Scalars("val/semseg/mIoU")] == [(8, 41.5)]
+    assert events.Scalars("train/lr")[0].value == pytest.approx(1e-3)
+
+    (picture,) = events.Images("val/predictions/depth/0")
+    assert picture.step == 8
+    decoded = cv2.cvtColor(cv2.imdecode(np.frombuffer(picture.encoded_image_string, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    target_rgb, prediction_rgb = L.colour_pair("depth", panel.targets["depth"], panel.predictions["depth"])
+    np.testing.assert_array_equal(decoded, L.image_grid([[panel.image, target_rgb, prediction_rgb]]))
+    assert events.Images("val/predictions/semseg/0")
+
+    content = events.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    hparams = {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
+    assert hparams == {"optim.lr": 0.002, "optim.betas": "[0.9, 0.999]", "seed": 7.0, "model.decoder": "hps",
+                       "model.weights": "null"}
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    assert sorted(m.name.tag for m in experiment.metric_infos) == ["val/score", "val/semseg/mIoU"]
+
+
+def test_tensorboard_resume_appends_to_the_same_folder(tmp_path):
+    first = L.build_loggers(tmp_path, jsonl=False, tensorboard=True)
+    first.log_scalars({"train/loss": 1.0}, step=1)
+    first.close()
+    second = L.build_loggers(tmp_path, jsonl=False, tensorboard=True, resume=True)
+    second.log_scalars({"train/loss": 0.5}, step=2)
+    second.close()
+    assert [(e.step, e.value) for e in _events(tmp_path / L.TENSORBOARD_DIR).Scalars("train/loss")] == [(1, 1.0), (2, 0.5)]
+
+
+def test_tensorboard_missing_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(MTVisionError, match="pip install tensorboard"):
+        L.build_loggers(tmp_path, tensorboard=True)

@@ -331,3 +331,34 @@ def test_evaluation_progress_counts_images_not_batches():
     bar = Progress(len(loader), "eval", enabled=False)
     evaluate(model, loader, model.tasks, ds.meter_info(), torch.device("cpu"), progress=bar)
     assert (bar.count, bar.images) == (3, 5)  # batches of 2, 2, 1
+
+
+def test_a_resumed_training_continues_its_wandb_run_and_tensorboard_folder(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import mtvision.engine.loggers as loggers
+
+    runs = []
+
+    class FakeRun:  # the W&B run init would give: an id, and what it was asked to continue
+        def __init__(self, **kwargs):
+            self.id = kwargs["id"] or f"run{len(runs)}"
+            runs.append((kwargs["id"], kwargs["resume"]))
+
+    def fake_init(self, project, **kwargs):
+        self.run, self.prediction_key = FakeRun(**kwargs), "val/predictions"
+
+    monkeypatch.setattr(loggers.WandbLogger, "__init__", fake_init)
+    monkeypatch.setattr(loggers.WandbLogger, "log_config", lambda self, config: None)
+    monkeypatch.setattr(loggers.WandbLogger, "log_scalars", lambda self, values, step: None)
+    monkeypatch.setattr(loggers.WandbLogger, "log_predictions", lambda self, step, panels: None)
+    monkeypatch.setattr(loggers.WandbLogger, "log_artifact", lambda self, *a, **k: None)
+    monkeypatch.setattr(loggers.WandbLogger, "close", lambda self: None)
+    out = tmp_path / "run"
+    log = {"wandb": True, "tensorboard": True, "log_interval": 1}
+    train(tiny_config(out, train={"iterations": 2, "eval_interval": 2}, logging=log), device="cpu")
+    train(tiny_config(out, train={"iterations": 4, "eval_interval": 2}, logging=log), resume=True, device="cpu")
+    assert runs == [(None, None), ("run0", "allow")]  # the resumed training continues the first W&B run
+    events = EventAccumulator(str(out / loggers.TENSORBOARD_DIR), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]  # one run, both parts

@@ -164,7 +164,7 @@ def test_ddp_with_uncertainty_weighting_and_mgda_matches_one_process(tmp_path, l
 def test_moe_balancing_loss_is_trained_outside_the_task_losses_and_expert_usage_is_logged(tmp_path, calibration):
     out = tmp_path / "run"
     model = {"backbone": {"name": "test_vit", "kwargs": {"img_size": [32, 40], "dynamic_img_size": True}},
-             "decoder": "m3vit", "decoder_options": {"num_experts": 4, "top_k": 2, "neck_channels": 16, "head_channels": 8}}
+             "decoder": "m3vit", "decoder_options": {"num_experts": 4, "top_k": 2, "head_channels": 8}}
     cfg = tiny_config(out, model=model, optim={"weighting": {"method": "uw"}, "calibration": {"method": calibration}},
                       train={"iterations": 2, "eval_interval": 2}, logging={"log_interval": 1})
     train(cfg, device="cpu")

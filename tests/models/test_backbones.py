@@ -109,9 +109,12 @@ def test_vit_weights_round_trip(tmp_path):
         assert torch.allclose(w, g, atol=1e-5)
 
 
-def test_missing_weights_file_names_the_option(tmp_path):
+def test_missing_weights_file_names_the_option(tmp_path, monkeypatch):
+    from tests.hub_cache import use_cache
+
     with pytest.raises(BackboneError, match="backbone.weights"):
         create_backbone("test_resnet", weights=tmp_path / "nope.safetensors")
+    use_cache(monkeypatch, tmp_path / "empty-cache", offline=True)
     with pytest.raises(BackboneError, match="backbone.weights"):
         create_backbone("test_resnet", pretrained=True)
 
@@ -248,3 +251,106 @@ def test_output_norm_all_is_a_channel_layer_norm_on_every_level():
         backbone.forward_staged(x)
     with pytest.raises(BackboneError, match="output_norm"):
         create_backbone("test_resnet", output_norm="every")
+
+
+# ---------------------------------------------------------------- timm's pretrained tags through the hub cache
+def _hub_weights(cache, name: str, seed: int, **kwargs) -> torch.nn.Module:
+    """A timm model with seeded random weights, written into `cache` where timm looks for `name`'s tag."""
+    from tests.hub_cache import populate
+
+    torch.manual_seed(seed)
+    reference = timm.create_model(name, pretrained=False, **kwargs).eval()
+    repo = timm.models.get_pretrained_cfg(name).hf_hub_id
+    blob = cache.parent / f"{seed}.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(blob))
+    populate(cache, repo, {"model.safetensors": blob})
+    return reference
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "test_resnet.r160_in1k"])
+def test_pretrained_loads_timms_tag_from_the_hub_cache(tmp_path, monkeypatch, name):
+    from tests.hub_cache import use_cache
+
+    cache = tmp_path / "hub"
+    use_cache(monkeypatch, cache, offline=True)
+    reference = _hub_weights(cache, "test_resnet.r160_in1k", seed=5)  # the default tag of test_resnet
+    torch.manual_seed(6)
+    loaded = create_backbone(name, pretrained=True).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want = reference.forward_intermediates(x, indices=[1, 2, 3, 4], intermediates_only=True)
+        got = loaded(x)
+    for w, g in zip(want, got):
+        assert torch.equal(w, g)
+    # exactly what timm itself loads
+    direct = timm.create_model(name, pretrained=True, features_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(direct.state_dict().values(), loaded.body.state_dict().values()))
+
+
+def test_pretrained_vit_copies_the_final_norm_from_the_hub_weights(tmp_path, monkeypatch):
+    from tests.hub_cache import use_cache
+
+    cache = tmp_path / "hub"
+    use_cache(monkeypatch, cache, offline=True)
+    kwargs = {"img_size": 64, "dynamic_img_size": True}
+    reference = _hub_weights(cache, "test_vit", seed=7, **kwargs)
+    with torch.no_grad():
+        reference.norm.weight.mul_(3.0)  # not the default ones, so a copy is visible
+    repo = timm.models.get_pretrained_cfg("test_vit").hf_hub_id
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(tmp_path / "n.safetensors"))
+    from tests.hub_cache import populate
+
+    populate(cache, repo, {"model.safetensors": tmp_path / "n.safetensors"}, commit="f" * 40)
+    backbone = create_backbone("test_vit", pretrained=True, output_norm="last", **kwargs)
+    norm = backbone.output_norms[str(len(backbone.levels) - 1)]
+    assert torch.equal(norm.weight, reference.norm.weight) and torch.equal(norm.bias, reference.norm.bias)
+
+
+def test_offline_and_not_cached_names_both_ways_out(tmp_path, monkeypatch):
+    from tests.hub_cache import use_cache
+
+    use_cache(monkeypatch, tmp_path / "empty", offline=True)
+    with pytest.raises(BackboneError) as info:
+        create_backbone("test_resnet", pretrained=True)
+    message = str(info.value)
+    assert "timm/test_resnet.r160_in1k" in message
+    assert "model.backbone.weights" in message and "HF_HUB_OFFLINE" in message and "hub cache" in message
+    assert str(tmp_path / "empty") in message
+
+
+def test_hub_offline_is_read_not_set(tmp_path, monkeypatch):
+    from mtvision.models.backbones import hub_offline
+    from tests.hub_cache import use_cache
+
+    use_cache(monkeypatch, tmp_path, offline=False)
+    create_backbone("test_resnet")
+    assert hub_offline() is False
+    import os
+
+    assert os.environ["HF_HUB_OFFLINE"] == "0"
+
+
+def test_pretrained_false_trains_from_scratch_even_with_a_weights_file(tmp_path, caplog):
+    path = tmp_path / "w.safetensors"
+    torch.manual_seed(8)
+    save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()}, str(path))
+    torch.manual_seed(9)
+    with caplog.at_level("WARNING"):
+        scratch = create_backbone("test_resnet", weights=path, pretrained=False)
+    torch.manual_seed(9)
+    fresh = create_backbone("test_resnet")
+    assert all(torch.equal(a, b) for a, b in zip(scratch.state_dict().values(), fresh.state_dict().values()))
+    assert "not loaded" in caplog.text
+    # and a missing file does not matter then
+    create_backbone("test_resnet", weights=tmp_path / "absent.safetensors", pretrained=False)
+
+
+def test_missing_weights_file_says_how_to_go_without_it(tmp_path):
+    with pytest.raises(BackboneError, match="backbone.weights=null") as info:
+        create_backbone("test_resnet", weights=tmp_path / "nope.safetensors", pretrained=True)
+    assert "backbone.pretrained=false" in str(info.value)
+
+
+def test_unknown_pretrained_tag_lists_the_tags():
+    with pytest.raises(UnknownNameError, match="resnet18.tv_in1k"):
+        create_backbone("resnet18.tv_in1kk")

@@ -105,6 +105,81 @@ def test_cv_squared_on_hand_made_importance():
     assert cv_squared(torch.tensor([4.0])).item() == 0.0
 
 
+def test_unbiased_cv_squared_divides_by_n_minus_one():
+    x = torch.tensor([1.0, 2.0, 3.0, 6.0])  # mean 3, squared deviations 4 + 1 + 0 + 9 = 14
+    assert cv_squared(x).item() == pytest.approx(14 / 4 / 9)
+    assert cv_squared(x, unbiased=True).item() == pytest.approx(14 / 3 / 9)
+    assert cv_squared(x, unbiased=True).item() == pytest.approx((x.var() / x.mean() ** 2).item())
+
+
+RELEASE_GATE = dict(noisy_gating=False, gate_values="softmax_top_k", gate_init="kaiming_uniform",
+                    expert_init="kaiming_uniform", balance_variance="unbiased")
+"""M3ViT's released gate (FastMoE NoisyGate_VMoE at --vmoe_noisy_std 0)."""
+
+
+def test_softmax_top_k_gate_mixes_unrenormalised_probabilities_of_all_experts():
+    m = _layer(experts=5, k=2, **RELEASE_GATE).train()
+    x = torch.randn(3, 4, 8)
+    out, _, stats = m(x)
+    flat = x.reshape(-1, 8)
+    probs = torch.softmax(flat @ m.gate_weight["shared"], dim=-1)  # over all 5 experts
+    top = probs.topk(2, dim=-1)
+    expected = torch.zeros_like(flat)
+    for j in range(2):
+        for i in range(flat.shape[0]):
+            e = int(top.indices[i, j])
+            expected[i] += top.values[i, j] * m.expert(e, flat[i : i + 1])[0]
+    torch.testing.assert_close(out, expected.reshape(3, 4, 8), atol=1e-5, rtol=1e-5)
+    assert (top.values.sum(-1) < 1).all()  # not renormalised, unlike Shazeer's softmax over the top k
+    torch.testing.assert_close(stats.importance, torch.zeros(5).index_add_(0, top.indices.reshape(-1), top.values.reshape(-1)))
+
+
+def test_release_balancing_loss_uses_the_unbiased_variance_and_hard_load():
+    m = _layer(experts=4, k=2, balance_weight=0.01, **RELEASE_GATE).train()
+    x = torch.randn(16, 8)
+    _, aux, _ = m(x)
+    probs = torch.softmax(x @ m.gate_weight["shared"], dim=-1)
+    top = probs.topk(2, dim=-1)
+    full = torch.zeros_like(probs).scatter(1, top.indices, top.values)
+    importance, load = full.sum(0), (full > 0).sum(0).float()
+    expected = 0.01 * (importance.var() / importance.mean() ** 2 + load.var() / load.mean() ** 2)
+    assert aux.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_release_initialisation_bounds():
+    torch.manual_seed(0)
+    m = MoE(48, 24, num_experts=16, top_k=4, **RELEASE_GATE)
+    gate = m.gate_weight["shared"]  # nn.Linear's kaiming-uniform over the 48 x 16 matrix: fan-in 16
+    assert gate.abs().max() <= 0.25 and gate.std().item() == pytest.approx(0.25 / 3**0.5, rel=0.1)
+    for w, (out_f, in_f) in ((m.w1, (24, 48)), (m.w2, (48, 24))):  # FastMoE: fan-in out * in of E x out x in
+        bound = 1 / (out_f * in_f) ** 0.5
+        assert w.abs().max() <= bound and w.std().item() == pytest.approx(bound / 3**0.5, rel=0.05)
+    assert m.b1.abs().sum() == 0 and m.b2.abs().sum() == 0
+    default = MoE(48, 24, num_experts=16, top_k=4)
+    assert default.gate_weight["shared"].abs().sum() == 0 and default.w1.std().item() == pytest.approx(0.02, rel=0.1)
+
+
+def test_fixed_noise_applies_only_in_training_and_excludes_trainable_noise():
+    m = _layer(experts=6, k=2, fixed_noise_std=0.5, **RELEASE_GATE)
+    assert not list(m.noise_weight)
+    x = torch.randn(40, 8)
+    m.eval()
+    torch.testing.assert_close(m(x).output, m(x).output)
+    clean, std = m.gate_logits(x)
+    assert std is None
+    m.train()
+    _, std = m.gate_logits(x)
+    assert torch.equal(std, torch.full_like(clean, 0.5))
+    torch.manual_seed(3)
+    first = m(x)
+    torch.manual_seed(4)
+    assert not torch.allclose(first.output, m(x).output) and first.balance_loss is not None
+    with pytest.raises(MoEError, match="fixed_noise_std"):
+        MoE(8, 8, num_experts=4, top_k=2, fixed_noise_std=0.1)  # noisy_gating is on by default
+    with pytest.raises(KeyError, match="MoE gate_values"):
+        MoE(8, 8, num_experts=4, top_k=2, gate_values="softmax")
+
+
 def test_balancing_loss_is_weighted_cv_squared_of_importance_and_load():
     m = _layer(experts=4, k=2, noisy_gating=False, balance_weight=0.05).train()
     _, aux, s = m(torch.randn(16, 8))

@@ -9,7 +9,6 @@ import json
 import os
 import pickle
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -172,17 +171,36 @@ def test_weights_that_do_not_fit_the_config(folder):
         load_model(folder)
 
 
-def test_hub_repo_ids_go_through_huggingface_hub_only_when_installed(folder, monkeypatch):
-    import sys
-    import types
+@pytest.mark.parametrize("name", ["hf-hub:someone/mtv-model", "someone/mtv-model", "hf-hub:someone/mtv-model@main"])
+def test_hub_models_load_from_the_hub_cache(folder, tmp_path, monkeypatch, name):
+    from tests.hub_cache import populate, use_cache
 
-    calls = []
-    fake = types.ModuleType("huggingface_hub")
-    fake.snapshot_download = lambda repo_id, allow_patterns: calls.append((repo_id, allow_patterns)) or str(folder)
-    monkeypatch.setitem(sys.modules, "huggingface_hub", fake)
-    model = load_model("someone/mtv-model")
+    cache = tmp_path / "hub"
+    use_cache(monkeypatch, cache, offline=True)
+    populate(cache, "someone/mtv-model", {f: folder / f for f in ("config.json", "model.safetensors")})
+    model = load_model(name)
+    want = load_model(folder)
     assert model.task_names == ["depth", "normals"]
-    assert calls == [("someone/mtv-model", ["config.json", "model.safetensors"])]
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        a, b = model(x).predictions, want(x).predictions
+    assert all(torch.equal(a[t], b[t]) for t in a)
+
+
+def test_offline_uncached_hub_model_is_one_clear_error(tmp_path, monkeypatch):
+    from tests.hub_cache import use_cache
+
+    use_cache(monkeypatch, tmp_path / "empty", offline=True)
+    with pytest.raises(ConfigError) as info:
+        load_model("hf-hub:someone/absent")
+    message = str(info.value)
+    assert "'someone/absent'" in message and "HF_HUB_OFFLINE" in message and str(tmp_path / "empty") in message
+    assert "local pretrained folder" in message
+    with pytest.raises(ConfigError, match="not a hub repo id"):
+        load_model("hf-hub:no-slash")
+
+
+def test_hub_needs_huggingface_hub(monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
     with pytest.raises(ConfigError, match="needs huggingface_hub"):
         load_model("someone/mtv-model")
@@ -284,25 +302,70 @@ def test_saving_through_a_symlink_keeps_the_link(tmp_path):
     assert load_model(link).task_names == ["depth"]
 
 
-def test_push_to_hub_uploads_a_pretrained_folder(monkeypatch):
-    uploads = []
+def _stub_uploads(monkeypatch, tmp_path):
+    """HfApi.create_repo / upload_folder replaced by a copy of the uploaded folder under tmp_path/uploaded."""
+    import shutil
 
-    class FakeApi:
-        def create_repo(self, repo_id, private, exist_ok):
-            assert private and exist_ok
-            return f"https://hub/{repo_id}"
+    from huggingface_hub import HfApi
 
-        def upload_folder(self, repo_id, folder_path, commit_message):
-            uploads.append((repo_id, sorted(p.name for p in Path(folder_path).iterdir()), commit_message))
+    calls = []
 
-    fake = types.ModuleType("huggingface_hub")
-    fake.HfApi = FakeApi
-    monkeypatch.setitem(sys.modules, "huggingface_hub", fake)
-    assert _tiny().push_to_hub("someone/m", commit_message="c") == "https://hub/someone/m"
-    assert uploads == [("someone/m", ["config.json", "model.safetensors"], "c")]
+    def create_repo(self, repo_id, private=False, exist_ok=False, **kwargs):
+        calls.append(("create_repo", repo_id, private, exist_ok))
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, repo_id, folder_path, commit_message=None, **kwargs):
+        calls.append(("upload_folder", repo_id, commit_message))
+        shutil.copytree(folder_path, tmp_path / "uploaded" / repo_id)
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    return calls
+
+
+def test_push_to_hub_uploads_folder_and_model_card_that_load_back(monkeypatch, tmp_path):
+    from tests.hub_cache import populate, use_cache
+
+    calls = _stub_uploads(monkeypatch, tmp_path)
+    metrics = tmp_path / "metrics_val.json"
+    metrics.write_text(json.dumps({
+        "split": "val", "target": "runs/x", "command": "mtv-eval runs/x --split val",
+        "metrics": {"depth": {"rmse": 0.5123, "abs_rel": 0.1234}},
+    }))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("data:\n  dataset: synthetic\n")
+    model = _tiny()
+    url = model.push_to_hub("someone/m", commit_message="c", metrics=metrics, data="synthetic scenes", config=recipe)
+    assert url == "https://huggingface.co/someone/m"
+    assert calls == [("create_repo", "someone/m", True, True), ("upload_folder", "someone/m", "c")]
+    uploaded = tmp_path / "uploaded" / "someone" / "m"
+    assert sorted(p.name for p in uploaded.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    card = (uploaded / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: mtvision\nlicense: apache-2.0\n")
+    for text in ("| depth | rmse | 0.5123 |", "mtv-eval runs/x --split val", "`val` split", "synthetic scenes",
+                 'mtvision.load("hf-hub:someone/m")', "dataset: synthetic", '"decoder": "hps"', "| depth | depth in metres"):
+        assert text in card, text
+    # the uploaded folder is what the hub serves: load it back through the cache
+    cache = tmp_path / "hub"
+    use_cache(monkeypatch, cache, offline=True)
+    populate(cache, "someone/m", {p.name: p for p in uploaded.iterdir()})
+    loaded = load_model("hf-hub:someone/m")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).predictions["depth"], model.eval()(x).predictions["depth"])
+
+
+def test_push_to_hub_needs_huggingface_hub(monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)
     with pytest.raises(errors.MTVisionError, match="needs huggingface_hub"):
         _tiny().push_to_hub("someone/m")
+
+
+def test_a_model_card_in_the_folder_survives_a_new_save(tmp_path):
+    saving.save_pretrained(_tiny(), tmp_path / "m", model_card="# mine\n")
+    _tiny().save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "README.md").read_text() == "# mine\n"
+    assert sorted(saving.FOLDER_FILES) == ["README.md", "config.json", "model.safetensors"]
 
 
 # ---------------------------------------------------------------------------------------------- module structure

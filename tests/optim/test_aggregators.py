@@ -10,16 +10,21 @@ from mtvision.optim import (
     AGGREGATORS,
     IMTLG,
     MGDA,
+    NTKMTL,
     AlignedMTL,
     CAGrad,
     EqualWeights,
+    FairGrad,
     GradVac,
     NashMTL,
     PCGrad,
+    SDMGrad,
     UPGrad,
     graddrop,
     make_aggregator,
 )
+from mtvision.optim.aggregators import fair_weights, nash_alpha
+from mtvision.optim.aggregators.sdmgrad import simplex_projection
 
 CONFLICT = np.array([[1.0, 0.0], [-0.5, 1.0]])  # the brief's hand case: g1·g2 = -1/2
 ORTHO = np.array([[1.0, 0.0], [0.0, 2.0]])
@@ -53,7 +58,8 @@ def conflicting(t: int, p: int, seed: int) -> np.ndarray:
 
 
 def test_registry_names_and_did_you_mean():
-    assert set(AGGREGATORS) == {"ew", "mgda", "pcgrad", "cagrad", "imtl_g", "nash_mtl", "aligned_mtl", "upgrad", "gradvac"}
+    assert set(AGGREGATORS) == {"ew", "mgda", "pcgrad", "cagrad", "imtl_g", "nash_mtl", "aligned_mtl", "upgrad", "gradvac",
+                                "fairgrad", "sdmgrad", "ntkmtl"}
     for name, cls in AGGREGATORS.items():
         agg = make_aggregator(name)
         assert isinstance(agg, cls) and agg.name == name
@@ -523,3 +529,231 @@ def test_nash_mtl_converges_at_default_iterations_for_unequal_norms(spread):
         g *= 10.0 ** np.random.default_rng(seed).uniform(-spread, spread, (6, 1))
         alpha = NashMTL(max_norm=0).weights(gram(g)).numpy()  # cold start, optim_niter = 20
         assert np.allclose(alpha * (gram(g).numpy() @ alpha), 1.0, atol=1e-9)
+
+
+# ---------------------------------------------------------------- Nash-MTL every N steps
+
+
+def test_nash_mtl_every_n_offers_its_weights_between_updates_without_a_gramian():
+    g1, g2 = rand_grads(3, 5, 1) + 0.5, rand_grads(3, 5, 2) + 0.5
+    agg = NashMTL(max_norm=0, update_weights_every=3)
+    assert agg.reuse(3) is None  # no α yet: the first call needs K
+    a1 = agg.weights(gram(g1)).numpy()
+    for _ in range(2):  # the two calls in between: α offered, the step counter moves on `reused`
+        assert np.array_equal(agg.reuse(3), a1)
+        assert agg.reuse(3) is not None  # asking does not change the state
+        assert agg.reused(123.0) == 1.0  # max_norm = 0: no scaling
+    assert agg.reuse(3) is None  # the third call recomputes
+    a4 = agg.weights(gram(g2)).numpy()
+    assert np.allclose(a4 * (gram(g2).numpy() @ a4), 1.0, atol=1e-9)
+    clipped = NashMTL(max_norm=1.0, update_weights_every=2)
+    clipped.weights(gram(g1))
+    assert clipped.reused(4.0) == pytest.approx(1.0 / (4.0 + 1e-6)) and clipped.reuse(3) is None
+    assert NashMTL().reuse(3) is None and MGDA().reuse(3) is None  # every step needs K for the others
+    with pytest.raises(NotImplementedError):
+        MGDA().reused(1.0)
+
+
+def test_nash_mtl_every_n_state_round_trip_mid_cycle():
+    g = rand_grads(3, 5, 3) + 0.5
+    agg = NashMTL(update_weights_every=4)
+    agg.weights(gram(g))
+    agg.reused(0.5)
+    fresh = NashMTL(update_weights_every=4)
+    fresh.load_state_dict(agg.state_dict())
+    assert np.array_equal(fresh.reuse(3), agg.reuse(3))
+    fresh.reused(0.5), fresh.reused(0.5)
+    assert fresh.reuse(3) is None
+
+
+# ---------------------------------------------------------------- FairGrad
+
+
+def test_fairgrad_hand_cases():
+    # K = diag(1, 4): w_t = K_tt^(-α/(1+α)); the update is T w, unclipped with max_norm = 0
+    for alpha in (0.5, 1.0, 2.0, 10.0):
+        w = FairGrad(alpha=alpha, max_norm=0).weights(gram(ORTHO)).numpy()
+        assert np.allclose(w, 2 * np.array([1.0, 4.0 ** (-alpha / (1 + alpha))]), rtol=1e-10)
+    # the release's max-norm step: T w scaled to norm <= 1, as clip_grad_norm_(max_norm=1)
+    w = FairGrad(alpha=2.0).weights(gram(ORTHO)).numpy()
+    raw = 2 * np.array([1.0, 4.0 ** (-2 / 3)])
+    assert np.allclose(w, raw / (np.linalg.norm(raw @ ORTHO) + 1e-6))
+
+
+@pytest.mark.parametrize("alpha", [0.25, 0.5, 1.0, 2.0, 5.0])
+@pytest.mark.parametrize("t,p,seed", [(2, 3, 0), (3, 8, 1), (5, 8, 2), (8, 20, 3)])
+def test_fairgrad_solves_the_alpha_fair_equation(alpha, t, p, seed):
+    g = (rand_grads(t, p, seed) + 0.5) * 10.0 ** np.random.default_rng(seed).uniform(-2, 2, (t, 1))
+    k = gram(g).numpy()
+    w = FairGrad(alpha=alpha, max_norm=0).weights(gram(g)).numpy() / t
+    assert (w > 0).all()
+    assert np.allclose((k @ w) * w ** (1 / alpha), 1.0, atol=1e-9)  # K w = w^(-1/α)
+    # scaling K by c scales w by c^(-α/(1+α))
+    w3 = FairGrad(alpha=alpha, max_norm=0).weights(gram(3.0 * g)).numpy() / t
+    assert np.allclose(w3, w * 9.0 ** (-alpha / (1 + alpha)), rtol=1e-8)
+
+
+def test_fairgrad_alpha_one_is_proportional_fairness_the_nash_solution():
+    for seed in range(5):
+        g = rand_grads(4, 9, seed) + 0.5
+        k = gram(g).numpy()
+        w = FairGrad(alpha=1.0, max_norm=0).weights(gram(g)).numpy()
+        assert np.allclose(w, 4 * nash_alpha(k), rtol=1e-9)
+        # proportional fairness: d maximises Σ log(g_t·d) on the sphere of its own norm
+        d = w @ g
+        best = np.log(g @ d).sum()
+        rng = np.random.default_rng(seed)
+        for _ in range(200):
+            e = d + 0.05 * np.linalg.norm(d) * rng.standard_normal(d.shape)
+            e *= np.linalg.norm(d) / np.linalg.norm(e)
+            if (g @ e > 0).all():
+                assert np.log(g @ e).sum() <= best + 1e-12
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_fairgrad_tends_to_max_min_fairness_as_alpha_grows(seed):
+    # α -> ∞: K w = 1 on the support, i.e. the direction maximising min_t g_t·d/|d| (MGDA's)
+    g = rand_grads(5, 7, seed) + 0.3
+    mgda = MGDA().weights(gram(g)).numpy() @ g
+    errors = []
+    for alpha in (10.0, 1e3, 1e6):
+        d = FairGrad(alpha=alpha, max_norm=0).weights(gram(g)).numpy() @ g
+        errors.append(1.0 - d @ mgda / (np.linalg.norm(d) * np.linalg.norm(mgda)))
+    assert errors[-1] < 1e-10 and errors[0] > errors[1] > errors[2] - 1e-12
+    d = fair_weights(gram(g).numpy(), 1e9) @ g
+    rates = g @ d
+    on = fair_weights(gram(g).numpy(), 1e9) > 0
+    assert np.allclose(rates[on], 1.0, atol=1e-6) and (rates[~on] >= 1.0 - 1e-6).all()
+
+
+def test_fairgrad_bad_options_and_degenerate_gramians():
+    for bad in (0.0, -1.0, float("inf"), float("nan"), "2"):
+        with pytest.raises(ValueError, match="alpha"):
+            FairGrad(alpha=bad)
+    with pytest.raises(ValueError, match="max_norm"):
+        FairGrad(max_norm=-1.0)
+    # a zero gradient gets weight 0; the others solve the equation among themselves
+    g = np.array([[1.0, 0.0], [0.0, 0.0], [0.0, 2.0]])
+    w = FairGrad(alpha=2.0, max_norm=0).weights(gram(g)).numpy()
+    assert w[1] == 0.0 and np.allclose(w[[0, 2]], 3 * np.array([1.0, 4.0 ** (-2 / 3)]))
+    # direct conflict: no solution exists; the regularised problem gives equal, finite weights
+    w = FairGrad(max_norm=0).weights(gram(np.array([[1.0, 0.0], [-1.0, 0.0]]))).numpy()
+    assert np.isfinite(w).all() and (w > 0).all() and w[0] == pytest.approx(w[1])
+    assert FairGrad().weights(torch.zeros(3, 3, dtype=torch.float64)).tolist() == [0.0, 0.0, 0.0]
+
+
+# ---------------------------------------------------------------- SDMGrad
+
+
+def test_simplex_projection_is_the_euclidean_projection():
+    assert np.allclose(simplex_projection(np.array([0.2, 0.3, 0.5])), [0.2, 0.3, 0.5])
+    assert np.allclose(simplex_projection(np.array([2.0, 0.0])), [1.0, 0.0])
+    assert np.allclose(simplex_projection(np.array([1.0, 1.0, 1.0])), [1 / 3] * 3)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        v = 3 * rng.standard_normal(5)
+        w = simplex_projection(v)
+        assert (w >= 0).all() and w.sum() == pytest.approx(1.0)
+        for _ in range(50):  # no point of the simplex is closer to v
+            u = rng.dirichlet(np.ones(5))
+            assert np.linalg.norm(w - v) <= np.linalg.norm(u - v) + 1e-12
+
+
+def _sdmgrad_reference(k: np.ndarray, w: np.ndarray, lamda: float, niter: int, lr: float) -> np.ndarray:
+    """The release's inner loop written with torch.optim.SGD (momentum 0.5) and the simplex projection."""
+    k = torch.from_numpy(k / np.mean(np.sqrt(np.diag(k) + 1e-4)) ** 2)
+    wt = torch.tensor(w, requires_grad=True)
+    opt = torch.optim.SGD([wt], lr=lr, momentum=0.5)
+    for _ in range(niter):
+        opt.zero_grad()
+        wt.grad = k @ wt.detach() + lamda * k.mean(dim=1)
+        opt.step()
+        wt.data.copy_(torch.from_numpy(simplex_projection(wt.detach().numpy())))
+    return wt.detach().numpy()
+
+
+def test_sdmgrad_follows_the_release_step_and_keeps_w_across_calls():
+    gs = [conflicting(3, 6, s) for s in (1, 2, 3)]
+    agg = SDMGrad(max_norm=0)
+    w_ref = np.full(3, 1 / 3)
+    for g in gs:
+        out = agg.weights(gram(g)).numpy()
+        w_ref = _sdmgrad_reference(gram(g).numpy(), w_ref, 0.3, 20, 10.0)
+        assert np.allclose(agg.simplex_weights, w_ref, atol=1e-12)
+        assert np.allclose(out, 3 * (w_ref + 0.3 / 3) / 1.3, atol=1e-12)  # T (w + λ/T)/(1 + λ)
+
+
+@pytest.mark.parametrize("lamda", [0.0, 0.3, 2.0])
+def test_sdmgrad_minimises_its_direction_oriented_objective(lamda):
+    # with enough small steps, w is argmin over the simplex of ½|G w + λ g0|²
+    g = conflicting(4, 6, 11)
+    k = gram(g).numpy()
+    agg = SDMGrad(lamda=lamda, niter=3000, lr=0.05, momentum=0.0, max_norm=0)
+    agg.weights(gram(g))
+    w = agg.simplex_weights
+    g0 = g.mean(0)
+
+    def objective(v):
+        return 0.5 * np.linalg.norm(v @ g + lamda * g0) ** 2
+
+    res = minimize(objective, np.full(4, 0.25), method="SLSQP", bounds=[(0, 1)] * 4,
+                   constraints=[{"type": "eq", "fun": lambda v: v.sum() - 1}], options={"ftol": 1e-15})
+    assert objective(w) <= res.fun + 1e-9 * (1 + res.fun)
+    if lamda == 0.0:  # λ = 0: MGDA's min-norm point
+        assert np.allclose(w @ g, MGDA().weights(gram(g)).numpy() @ g, atol=1e-6)
+    assert k.shape == (4, 4)
+
+
+def test_sdmgrad_large_lambda_is_the_average_gradient():
+    g = conflicting(3, 5, 4)
+    w = SDMGrad(lamda=1e8, max_norm=0).weights(gram(g)).numpy()
+    assert np.allclose(w, 1.0, atol=1e-7)  # T (w + λ/T)/(1 + λ) -> 1: the sum of the gradients
+
+
+def test_sdmgrad_objective_sampling_is_seeded_and_zeroes_the_others():
+    g = conflicting(6, 8, 5)
+    a, b = SDMGrad(sample_tasks=2, seed=3), SDMGrad(sample_tasks=2, seed=3)
+    kept = []
+    for _ in range(30):
+        wa, wb = a.weights(gram(g)), b.weights(gram(g))
+        assert torch.equal(wa, wb)  # same seed, same draws
+        kept.append(int((wa > 0).sum()))
+        assert kept[-1] >= 1  # never an empty sample
+    assert min(kept) < 6 and 1.0 < np.mean(kept) < 4.0  # about n = 2 of 6 tasks kept, never all every time
+    assert not all(torch.equal(SDMGrad(sample_tasks=2, seed=4).weights(gram(g)), a.weights(gram(g))) for _ in range(3))
+    full = SDMGrad(sample_tasks=6)
+    assert torch.equal(full.weights(gram(g)), SDMGrad().weights(gram(g)))  # n >= T: every task
+
+
+def test_sdmgrad_bad_options():
+    for kwargs in ({"lamda": -1.0}, {"niter": 0}, {"lr": 0.0}, {"momentum": 1.0}, {"max_norm": -1.0}, {"sample_tasks": 0}):
+        with pytest.raises(ValueError):
+            SDMGrad(**kwargs)
+    agg = SDMGrad()
+    agg.weights(gram(conflicting(3, 4, 0)))
+    with pytest.raises(ValueError, match="holds weights for 3 tasks"):
+        agg.weights(gram(conflicting(4, 4, 0)))
+
+
+# ---------------------------------------------------------------- NTKMTL
+
+
+def test_ntkmtl_weights_are_the_trace_over_each_tasks_ntk_eigenvalue():
+    g = np.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])  # λ_t = |g_t|² = 1, 4, 2; trace 7
+    for p in (0.0, 0.5, 0.75, 1.0):
+        w = NTKMTL(ntk_exp=p, max_norm=0).weights(gram(g)).numpy()
+        assert np.allclose(w, 3 * (7.0 / np.array([1.0, 4.0, 2.0])) ** p)
+    # p = 1/2 balances the weighted gradients: every |w_t g_t| is T·√(trace K)
+    w = NTKMTL(ntk_exp=0.5, max_norm=0).weights(gram(g)).numpy()
+    assert np.allclose(np.linalg.norm(w[:, None] * g, axis=1), 3 * np.sqrt(7.0))
+    clipped = NTKMTL().weights(gram(g)).numpy()
+    assert np.linalg.norm(clipped @ g) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_ntkmtl_zero_gradient_and_bad_options():
+    g = np.array([[1.0, 0.0], [0.0, 0.0]])
+    w = NTKMTL(max_norm=0).weights(gram(g)).numpy()
+    assert w[1] == 0.0 and w[0] == pytest.approx(2.0)
+    for bad in (-0.5, float("nan")):
+        with pytest.raises(ValueError, match="ntk_exp"):
+            NTKMTL(ntk_exp=bad)

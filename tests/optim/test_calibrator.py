@@ -291,3 +291,145 @@ def test_stats_report_weights_cosines_and_condition_number():
     assert stats.scalars() == {"weight/a": 0.5, "weight/b": 1.5, "cos/a~b": -0.5, "gramian_cond": pytest.approx(3.0)}
     singular = CalibrationStats({"a": 1, "b": 1}, torch.ones(2, 2, dtype=torch.float64), torch.ones(2, 2, dtype=torch.float64))
     assert singular.condition_number == float("inf")
+
+
+# ---------------------------------------------------------------- reused weights (Nash-MTL every N steps)
+
+
+def close_to(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    """Every gradient equal up to float32 rounding of the largest gradient entry."""
+    assert got.keys() == want.keys()
+    scale = max(float(v.abs().max()) for v in want.values())
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+@pytest.mark.parametrize("level", ["features", "params"])
+@pytest.mark.parametrize("decoder", ["hps", "padnet"])
+def test_reused_weights_take_one_backward_pass_with_the_same_gradients(level, decoder, monkeypatch):
+    model, images, targets = tiny(decoder)
+    fast = GradientCalibrator(model, make_aggregator("nash_mtl", update_weights_every=3), level)
+    slow = GradientCalibrator(model, make_aggregator("nash_mtl", update_weights_every=3), level)
+    monkeypatch.setattr(slow.aggregator, "reuse", lambda n: None)  # the per-task path, reusing α inside weights()
+    calls = []
+    real = torch.autograd.grad
+
+    def counting(outputs, inputs, *args, **kwargs):
+        calls.append(1)
+        return real(outputs, inputs, *args, **kwargs)
+
+    for step in range(4):
+        images = images + 0.1 * step  # a new batch each step
+        model.zero_grad(set_to_none=True)
+        monkeypatch.setattr(torch.autograd, "grad", counting)
+        calls.clear()
+        got_stats = calibrate(fast, model, images, targets)
+        monkeypatch.setattr(torch.autograd, "grad", real)
+        got = grads(model)
+        model.zero_grad(set_to_none=True)
+        want_stats = calibrate(slow, model, images, targets)
+        want = grads(model)
+        close_to(got, want)
+        reused = step % 3 != 0
+        assert len(calls) == (1 if reused else len(TASKS))  # one pass of Σ α L instead of T per-task passes
+        assert got_stats.finite and math.isnan(float(got_stats.gramian[0, 0])) == reused
+        for t in TASKS:
+            assert got_stats.weights[t] == pytest.approx(want_stats.weights[t], rel=1e-5)
+    assert fast.aggregator.state_dict()["step"] == slow.aggregator.state_dict()["step"] == 4
+
+
+def test_reused_weights_keep_each_head_its_own_gradient_even_at_weight_zero():
+    model, images, targets = tiny()
+    aggregator = make_aggregator("nash_mtl", update_weights_every=2, max_norm=0)
+    calibrator = GradientCalibrator(model, aggregator, "params")
+    calibrate(calibrator, model, images, targets)
+    aggregator._alpha[1] = 0.0  # depth weighted 0 on the reused step
+    model.zero_grad(set_to_none=True)
+    calibrate(calibrator, model, images, targets)
+    got = grads(model)
+    model.zero_grad(set_to_none=True)
+    losses_of(model, images, targets)["depth"].backward()
+    want = grads(model)
+    for name in want:
+        if name.startswith("decoder.heads.depth"):
+            torch.testing.assert_close(got[name], want[name])
+
+
+# ---------------------------------------------------------------- gradient trackers
+
+
+@pytest.mark.parametrize("method", ["db_mtl", "moco", "excess_mtl"])
+def test_trackers_get_the_averaged_shared_gradients_and_their_losses(method, monkeypatch):
+    model, images, targets = tiny()
+    calibrator = make_calibrator(model, method, "params")
+    seen = {}
+    real = type(calibrator.aggregator).combine
+
+    def spy(self, g, values):
+        seen["grads"], seen["losses"] = g.clone(), values.clone()
+        out = real(self, g, values)
+        seen["direction"] = out[0].clone()
+        return out
+
+    monkeypatch.setattr(type(calibrator.aggregator), "combine", spy)
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        losses, out = forward(model, images, targets)
+        stats = calibrator.backward(losses, out.shared)
+    shared = [p for p in model.shared_parameters() if p.requires_grad]
+    flat = []
+    for t in TASKS:
+        flat.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses_of(model, images, targets)[t], shared)]))
+    torch.testing.assert_close(seen["grads"], torch.stack(flat))
+    torch.testing.assert_close(seen["losses"], torch.stack([losses_of(model, images, targets)[t].double() for t in TASKS]))
+    got = torch.cat([p.grad.reshape(-1) for p in shared])
+    torch.testing.assert_close(got, seen["direction"])
+    assert calibrator.synced_parameters == shared and stats.finite
+    for t in TASKS:  # heads keep their own plain gradient
+        head = list(model.task_parameters(t))
+        want = torch.autograd.grad(losses_of(model, images, targets)[t], head)
+        for p, g in zip(head, want):
+            torch.testing.assert_close(p.grad, g)
+
+
+@pytest.mark.parametrize("method", ["db_mtl", "moco", "excess_mtl"])
+def test_trackers_need_the_params_level_and_a_gramian_free_sam(method):
+    model, _, _ = tiny()
+    for level in ("features", "fuller"):
+        with pytest.raises(CalibrationError, match="Use level 'params'"):
+            make_calibrator(model, method, level)
+    with pytest.raises(CalibrationError, match="sharpness-aware step needs a Gramian aggregator"):
+        make_calibrator(model, method, "params", sam_rho=0.05)
+    with pytest.raises(UnknownNameError, match="did you mean 'beta'"):
+        make_calibrator(model, "db_mtl", "params", betta=0.5)
+
+
+@pytest.mark.parametrize("method", ["db_mtl", "moco", "excess_mtl"])
+def test_trackers_skip_non_finite_steps_without_moving_state(method):
+    model, images, targets = tiny()
+    calibrator = make_calibrator(model, method, "params")
+    calibrate(calibrator, model, images, targets)
+    before = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in calibrator.state_dict().items()}
+    losses, out = forward(model, images, targets)
+    losses["depth"] = losses["depth"] * float("nan")
+    stats = calibrator.backward(losses, out.shared)
+    assert not stats.finite
+    after = calibrator.state_dict()
+    for k, v in before.items():
+        assert (torch.equal(v, after[k]) if isinstance(v, torch.Tensor) else v == after[k]), k
+
+
+@pytest.mark.parametrize("method", ["db_mtl", "moco", "excess_mtl", "nash_mtl"])
+def test_loss_scale_leaves_tracker_state_and_reuse_unchanged(method):
+    model, images, targets = tiny()
+    options = {"update_weights_every": 2} if method == "nash_mtl" else {}
+    runs = []
+    for scale in (1.0, 1024.0):
+        calibrator = make_calibrator(model, method, "params", **options)
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            stats = calibrate(calibrator, model, images, targets, loss_scale=scale)
+        runs.append(({n: g / scale for n, g in grads(model).items()}, stats.weights))
+    close_to(runs[1][0], runs[0][0])
+    for t in TASKS:
+        assert runs[1][1][t] == pytest.approx(runs[0][1][t], rel=1e-5)

@@ -17,6 +17,7 @@ from mtvision.optim.weighting import (
     FixedWeighting,
     GeometricLossStrategy,
     GradNorm,
+    LogLossWeighting,
     LossWeightingError,
     RandomLossWeighting,
     UncertaintyWeighting,
@@ -65,6 +66,36 @@ def test_gls_value_and_gradient() -> None:
     assert float(b.grad) == pytest.approx(2 / 24)
     assert float(c.grad) == pytest.approx(2 / 1.5)
     assert w == pytest.approx({"a": 2 / 6, "b": 2 / 24, "c": 2 / 1.5})
+
+
+def test_log_weighting_value_gradient_and_weights() -> None:
+    # the MTMamba releases' `log` scheme: sum_t w_t log(L_t + 1e-8), unit weights by default
+    a = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(0.25, dtype=torch.float64, requires_grad=True)
+    total, w = LogLossWeighting(["a", "b"])({"a": a, "b": b}, step=0)
+    assert float(total.detach()) == pytest.approx(math.log(2.0 + 1e-8) + math.log(0.25 + 1e-8), abs=1e-12)
+    total.backward()
+    assert float(a.grad) == pytest.approx(1 / (2.0 + 1e-8)) and float(b.grad) == pytest.approx(1 / (0.25 + 1e-8))
+    assert w == pytest.approx({"a": 0.5, "b": 4.0})
+    weighted, w = LogLossWeighting(["a", "b"], weights={"b": 3.0})(L(a=2.0, b=0.25), step=0)
+    assert float(weighted) == pytest.approx(math.log(2.0) + 3.0 * math.log(0.25), rel=1e-7)
+    assert w == pytest.approx({"a": 0.5, "b": 12.0})
+    # a zero loss stays finite (the release's epsilon), a loss scale only shifts the total
+    zero, _ = LogLossWeighting(["a"])({"a": torch.tensor(0.0, dtype=torch.float64)}, step=0)
+    assert float(zero) == pytest.approx(math.log(1e-8))
+    with pytest.raises(LossWeightingError, match="unknown tasks"):
+        LogLossWeighting(["a", "b"], weights={"c": 1.0})
+
+
+def test_log_weighting_gradient_is_invariant_to_a_loss_scale() -> None:
+    # why per-rank losses normalised by a global pixel count give the release's per-GPU gradient
+    W = torch.nn.Parameter(torch.tensor([0.5, -1.0], dtype=torch.float64))
+    grads = []
+    for scale in (1.0, 0.125):
+        loss = ((W - torch.tensor([2.0, 1.0], dtype=torch.float64)) ** 2).sum() * scale
+        total, _ = LogLossWeighting(["a"])({"a": loss}, step=0)
+        grads.append(torch.autograd.grad(total, W)[0])
+    assert torch.allclose(grads[0], grads[1], rtol=1e-6)
 
 
 # ---------------------------------------------------------------- UW
@@ -357,7 +388,7 @@ def test_igb_base_epoch_two() -> None:
 
 # ---------------------------------------------------------------- shared contracts
 
-OPTIONS = {"fixed": {"weights": {"a": 2.0}}}
+OPTIONS = {"fixed": {"weights": {"a": 2.0}}, "stch": {"warmup_epoch": 1}}  # stch: its reference point is set within the run
 
 
 def _run(weighting, steps: range, values, shared_model: bool) -> list:
@@ -399,7 +430,7 @@ def test_state_dict_round_trip_gives_identical_next_output(name: str) -> None:
     b = _run(second, range(7, 12), _values, True)
     assert a == b
     fresh = _run(make_weighting(name, tasks, **OPTIONS.get(name, {})), range(7, 12), _values, True)
-    if name not in ("ew", "fixed", "gls"):  # stateful: the loaded state matters
+    if name not in ("ew", "fixed", "gls", "log"):  # stateful: the loaded state matters
         assert fresh != a
 
 
@@ -460,7 +491,7 @@ def test_single_task_works(name: str) -> None:
         total.backward()
         wt.after_step({"depth": loss.detach() * 0.5})
         wt.end_epoch()
-    expected = {"fixed": 2.0, "uw": 0.5}  # every other method gives its only task weight 1
+    expected = {"fixed": 2.0, "uw": 0.5, "log": 1 / 2.5, "stch": 1 / 2.5}  # stch: 1/L in its warm-up; the others 1
     assert w["depth"] == pytest.approx(expected.get(name, 1.0))
 
 
@@ -474,7 +505,7 @@ def test_losses_must_match_tasks() -> None:
 
 
 def test_registry_and_did_you_mean() -> None:
-    assert set(WEIGHTINGS) == {"ew", "fixed", "uw", "dwa", "gradnorm", "rlw", "gls", "famo", "igb"}
+    assert set(WEIGHTINGS) == {"ew", "fixed", "uw", "dwa", "gradnorm", "rlw", "gls", "log", "famo", "igb", "stch", "go4align"}
     assert isinstance(make_weighting("dwa", TASKS, temperature=1.0), DynamicWeightAverage)
     with pytest.raises(UnknownNameError, match="did you mean 'famo'"):
         make_weighting("fam", TASKS)

@@ -1,36 +1,52 @@
 """Cross-task attention decoder: InvPT (Ye & Xu, "Inverted Pyramid Multi-task Transformer for Dense
-Scene Understanding", ECCV 2022).
+Scene Understanding", ECCV 2022), computing what the authors' release computes.
 
-Pipeline (defaults are the paper's / official release's):
+With the release's settings (ViT-L/16 of width C, T tasks, d_0 = task_channels + prediction_channels
+= 512 + 64 = 576):
 
-1. The coarsest backbone feature is resized to the first decoder stage (stride `input_stride`, 32:
-   the release interpolates ViT's 1/16 map down to 1/32).  Per task, a *preliminary decoder* (two
-   3x3 conv-BN-ReLU blocks) gives task features F_t, and a 1x1 conv gives a preliminary prediction
-   P_t (deep supervision, `deep_supervision[t]` of the output in training mode).  [F_t, P_t] is re-embedded by a
-   1x1 conv to the stage-0 token width (task_channels + prediction_channels).
-2. `num_stages` UP-Transformer stages; stage k runs at stride input_stride / 2^k with width
-   dim_0 / 2^k ("inverted pyramid").  Stage k >= 1 first up-embeds every task's map (bilinear x2,
-   two dilated 3x3 conv-BN-ReLU) and adds the backbone skip feature of the matching stride
-   (3x3 conv to the stage width, resized to the stage grid).  Single-stride backbones (plain ViTs)
-   feed level L-1-k to stage k, as the release does for ViT-L.
-3. In each stage one block of joint attention runs over the concatenation of all tasks' tokens
-   (T x h x w queries, every task sees every position of every task).  Q is a per-task depth-wise
-   3x3 conv (stride `q_stride`) + BN, K/V are per-task depth-wise convs + BN (or average pooling,
-   the release's choice) with stride `kv_strides[k]`, followed by shared linear projections.  The
-   attention output (at the Q grid) is bilinearly upsampled back to the stage grid; pre-norm
-   residual + MLP as in a transformer block.
-4. Attention message passing: the (fused) pre-softmax attention scores of stage k-1,
-   B x heads x (T*hq'*wq') x (T*hk'*wk'), are resized to stage k's grids (bilinear over each query
-   task's hq' x wq' grid, and over each key task's hk' x wk' grid if that changed), concatenated
-   with stage k's scores along the head axis and fused by a learned 1x1 conv (2*heads -> heads),
-   exactly as the official release does; the fused scores go through the softmax and are passed on.
-5. Every stage's task maps are layer-normed, reduced to dim_0 channels, upsampled to twice the last
-   stage's resolution (stride 4 by default) and summed; per task a 3x3 conv-BN-ReLU then the head.
+1. Input: the backbone's last level resized bilinearly to stride `input_stride` (32).  For a ViT
+   that level is the last block's tokens after the ViT's final LayerNorm: build the backbone with
+   `output_norm: last` (the other levels stay un-normed, as in the release).
+2. Per task t: a preliminary decoder (two 3x3 conv-BN-ReLU without bias, C -> C -> task_channels)
+   gives F_t; a 1x1 conv gives the preliminary prediction P_t (`deep_supervision[t]` in training);
+   a 1x1 conv re-embeds [F_t, P_t] into d_0 channels.
+3. Stage k = 0 .. num_stages-1 runs at stride input_stride / 2^k with width d_k = d_0 / 2^k.
+   * k >= 1: every task map is up-embedded (bilinear x2, two dilated 3x3 conv-BN-ReLU without bias)
+     and the stage's skip map is added to each of them.
+   * One transformer block over the tokens of all tasks together: pre-norm; per task, Q is a
+     depth-wise 3x3 stride-2 conv + BN and K = V an average pooling with kernel = stride =
+     kv_strides[k] (ceil mode); shared linear q/k/v projections with bias; 2 heads; the scores are
+     scaled by d_k^-0.5 (the stage width, not the head width).  From stage 1 on, the previous
+     stage's scores (pre-softmax, after its own fusion), upsampled bilinearly over each query task's
+     grid, are stacked with this stage's along the head axis and fused by a 1x1 conv
+     (2 x heads -> heads); the fused scores feed the softmax and become the next stage's message.
+     The output, at the query grid, is resized bilinearly back to the stage grid; residual, then an
+     MLP (ratio 4, GELU) with its pre-norm residual.
+   * Read-out: one LayerNorm over the channels of all tasks jointly (T x d_k), then task t's block
+     of d_k channels, a 1x1 conv to d_0 (stages k >= 1), resized bilinearly to stride 4; the stages
+     are summed per task.
+4. Per task: a 3x3 conv with bias, BN, ReLU, then the 1x1 head.
 
-Deviations from the release (documented, deliberate): the stage read-out LayerNorm is per task
-(the release normalises over all tasks' channels jointly, which mixes tasks after the last
-attention); skip features are resized bilinearly after a 3x3 conv instead of the ViT-specific
-transposed conv; the attention scale is head_dim^-0.5 (the release uses dim^-0.5).
+Skips (what is added in stage k >= 1): with a single-stride backbone (a plain ViT tapped after
+blocks 6, 12, 18 and 24) stage k takes level L-2-k: stage 1 the level after block 12 through a 3x3
+conv, stage 2 the level after block 6 through a 3x3 stride-2 transposed conv (output padding 1);
+the level after block 18 is not used, as in the release.  A multi-scale backbone gives each stage
+the level whose stride is closest to the stage's, through a 3x3 conv (resized when the strides
+differ): an mtvision extension without reference.
+
+Saliency: `saliency_channels` 2 (the default, as the release's PASCAL models) makes the saliency
+head and its preliminary prediction 2-class logits (background, salient); these 2 channels are what
+the re-embedding reads.  1 gives one logit.
+
+Sizes: the release runs at its build size only (448x576 NYUD, 512x512 PASCAL), where every stage's
+query grid is exactly half the next stage's.  Here inputs are zero-padded bottom/right to a multiple
+of 2 x input_stride (64), which keeps that geometry, and outputs are cropped back.
+
+Release facts that are not the paper's drawing: the decoder's drop-path rate is declared as 0.15 but
+with one block per stage it evaluates to 0 (`drop_path` defaults to 0).  The release also builds
+modules it never uses (a projection of the level after block 18, a stage-0 read-out conv, the
+stage-0 score-fusion conv and one more LayerNorm); they are not built here (the converter,
+mtvision/convert/invpt.py, names them as skipped).
 """
 
 from __future__ import annotations
@@ -48,7 +64,8 @@ from mtvision.models.decoders.base import BackboneFactory, ModelOutput, MultiTas
 from mtvision.models.heads import ConvBNReLU, make_norm, resize_to
 from mtvision.tasks import Task
 
-KV_PROJECTIONS = ("dwconv", "avg")
+KV_PROJECTIONS = ("avg", "dwconv")
+SALIENCY_CHANNELS = (1, 2)
 
 
 class DecoderStrideError(MTVisionError, ValueError):
@@ -85,15 +102,23 @@ def crop_to(x: Tensor, padded: Sequence[int], size: Sequence[int]) -> Tensor:
     return resize_to(x, padded)[..., : size[0], : size[1]]
 
 
+def task_output_channels(tasks: dict[str, Task], saliency_channels: int) -> dict[str, int]:
+    """Output channels per task: the task's own, except saliency with `saliency_channels` (1: one
+    logit; 2: background / salient logits, the layout of the InvPT and TaskPrompter releases)."""
+    if saliency_channels not in SALIENCY_CHANNELS:
+        raise ValueError(f"saliency_channels must be 1 or 2, got {saliency_channels!r}")
+    return {t: (saliency_channels if t == "saliency" else s.out_channels) for t, s in tasks.items()}
+
+
 def _grid(size: Sequence[int], stride: int) -> tuple[int, int]:
     return (size[0] // stride, size[1] // stride)
 
 
 # ---------------------------------------------------------------------------- attention
 class ConvProjection(nn.Module):
-    """Depth-wise conv + BN (or average pooling) with a stride: a map -> a smaller map."""
+    """A map -> a smaller map: average pooling (kernel = stride, ceil mode) or a depth-wise conv + BN."""
 
-    def __init__(self, channels: int, stride: int, kind: str = "dwconv"):
+    def __init__(self, channels: int, stride: int, kind: str = "avg"):
         super().__init__()
         if kind not in KV_PROJECTIONS:
             raise ValueError(f"unknown projection {kind!r} (valid: {', '.join(KV_PROJECTIONS)})")
@@ -128,21 +153,17 @@ def resize_scores(scores: Tensor, tasks: int, q_from: tuple[int, int], q_to: tup
 
 
 class JointTaskAttention(nn.Module):
-    """Multi-head attention over the concatenated tokens of all tasks, with per-task strided
-    depth-wise conv Q/K/V projections and attention message passing from the previous stage.
-
-    Set `keep_attention = True` to keep the last softmax attention in `self.attention`
-    (B x heads x queries x keys) for inspection.
-    """
+    """Multi-head attention over the concatenated tokens of all tasks: per-task strided depth-wise
+    conv + BN queries, per-task pooled keys/values, shared linear projections, scores scaled by
+    dim^-0.5, and score message passing from the previous stage (`message`)."""
 
     def __init__(self, task_names: Sequence[str], dim: int, num_heads: int, q_stride: int, kv_stride: int,
-                 kv_proj: str = "dwconv", qkv_bias: bool = True, message: bool = False):
+                 kv_proj: str = "avg", qkv_bias: bool = True, message: bool = False):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"stage width {dim} is not divisible by num_heads={num_heads}")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.scale = self.head_dim**-0.5
-        self.q_stride, self.kv_stride = q_stride, kv_stride
+        self.scale = dim**-0.5
         self.conv_q = nn.ModuleDict({t: ConvProjection(dim, q_stride, "dwconv") for t in task_names})
         self.conv_k = nn.ModuleDict({t: ConvProjection(dim, kv_stride, kv_proj) for t in task_names})
         self.conv_v = nn.ModuleDict({t: ConvProjection(dim, kv_stride, kv_proj) for t in task_names})
@@ -151,38 +172,45 @@ class JointTaskAttention(nn.Module):
         self.proj_v = nn.Linear(dim, dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.fuse_message = nn.Conv2d(2 * num_heads, num_heads, 1) if message else None
-        self.keep_attention = False
-        self.attention: Tensor | None = None
 
     def _heads(self, x: Tensor) -> Tensor:
         b, n, _ = x.shape
         return x.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, maps: dict[str, Tensor], message: dict | None = None) -> dict[str, Tensor]:
-        """Per-task B x C x h x w maps -> per-task attention outputs at the same grid; reads and
-        replaces `message['scores', 'q', 'k']` (the previous stage's scores and grids)."""
+    def _scores(self, maps: dict[str, Tensor], message: dict | None):
         names = list(maps)
-        size = next(iter(maps.values())).shape[-2:]
         qs = [self.conv_q[t](maps[t]) for t in names]
         ks = [self.conv_k[t](maps[t]) for t in names]
         vs = [self.conv_v[t](maps[t]) for t in names]
         q_grid, k_grid = tuple(qs[0].shape[-2:]), tuple(ks[0].shape[-2:])
-        flat = lambda xs: torch.cat([x.flatten(2).transpose(1, 2) for x in xs], 1)  # noqa: E731
+
+        def flat(xs: list[Tensor]) -> Tensor:
+            return torch.cat([x.flatten(2).transpose(1, 2) for x in xs], 1)
+
         q = self._heads(self.proj_q(flat(qs)))
         k = self._heads(self.proj_k(flat(ks)))
         v = self._heads(self.proj_v(flat(vs)))
-        scores = (q * self.scale) @ k.transpose(-2, -1)
+        scores = (q @ k.transpose(-2, -1)) * self.scale
         if message is not None and self.fuse_message is not None and message.get("scores") is not None:
             prev = resize_scores(message["scores"], len(names), message["q"], q_grid, message["k"], k_grid)
             scores = self.fuse_message(torch.cat([scores, prev], 1))
         if message is not None:
             message.update(scores=scores, q=q_grid, k=k_grid)
-        attn = scores.softmax(-1)
-        self.attention = attn.detach() if self.keep_attention else None
-        out = self.proj((attn @ v).transpose(1, 2).flatten(2))
+        return scores, v, q_grid
+
+    def attention_map(self, maps: dict[str, Tensor], message: dict | None = None) -> Tensor:
+        """The softmax attention, B x heads x (T * query grid) x (T * key grid), for inspection."""
+        return self._scores(maps, message)[0].softmax(-1)
+
+    def forward(self, maps: dict[str, Tensor], message: dict | None = None) -> dict[str, Tensor]:
+        """Per-task B x C x h x w maps -> per-task attention outputs at the same grid; reads and
+        replaces `message['scores', 'q', 'k']` (the previous stage's scores and grids)."""
+        size = next(iter(maps.values())).shape[-2:]
+        scores, v, q_grid = self._scores(maps, message)
+        out = self.proj((scores.softmax(-1) @ v).transpose(1, 2).flatten(2))
         nq = q_grid[0] * q_grid[1]
         result = {}
-        for i, t in enumerate(names):
+        for i, t in enumerate(maps):
             o = out[:, i * nq : (i + 1) * nq].transpose(1, 2).reshape(out.shape[0], -1, *q_grid)
             result[t] = resize_to(o, size)
         return result
@@ -202,11 +230,16 @@ class JointTaskBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     @staticmethod
-    def _ln(norm: nn.LayerNorm, x: Tensor) -> Tensor:
+    def channel_norm(norm: nn.LayerNorm, x: Tensor) -> Tensor:
+        """LayerNorm over the channels of an N x C x H x W map."""
         return norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
+    def normed(self, maps: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The attention's input: every task map after norm1."""
+        return {t: self.channel_norm(self.norm1, x) for t, x in maps.items()}
+
     def forward(self, maps: dict[str, Tensor], message: dict | None) -> dict[str, Tensor]:
-        attended = self.attn({t: self._ln(self.norm1, x) for t, x in maps.items()}, message)
+        attended = self.attn(self.normed(maps), message)
         out = {}
         for t, x in maps.items():
             x = x + self.drop_path(attended[t])
@@ -230,6 +263,14 @@ class UpEmbed(nn.Sequential):
         )
 
 
+def skip_projection(in_channels: int, out_channels: int, level_stride: int, stage_stride: int) -> nn.Module:
+    """A backbone level -> a stage's skip map: a 3x3 stride-2 transposed conv when the level is twice
+    as coarse as the stage (the release's ViT stage 2), a 3x3 conv otherwise."""
+    if level_stride == 2 * stage_stride:
+        return nn.ConvTranspose2d(in_channels, out_channels, 3, stride=2, padding=1, output_padding=1)
+    return nn.Conv2d(in_channels, out_channels, 3, padding=1)
+
+
 # ---------------------------------------------------------------------------- decoder
 class CrossTaskAttentionDecoder(MultiTaskDecoder):
     """InvPT: per-task preliminary decoders, then an inverted pyramid of joint all-task attention
@@ -237,29 +278,29 @@ class CrossTaskAttentionDecoder(MultiTaskDecoder):
     docstring for the exact computation).
 
     Shared representation: the backbone feature maps the decoder consumes (the input level and the
-    skip levels).  Every task's loss flows through them, but note that the joint-attention stages
-    after them are *shared* parameters that no single tensor separates from the heads: feature-level
-    gradient calibration does not reach them, so calibrate this decoder at the 'params' level.
-    Task parameters: task t's stage read-outs, final conv and head, and its query projection in the
-    last stage (preliminary decoders and aux heads feed the joint attention, so they are shared).
-    `forward(images, [t])` must still run every task's tokens through the joint stages (t attends to
-    them); it skips the other tasks' read-outs, heads and aux outputs.  Inputs whose size is not a
-    multiple of `size_divisor` are zero-padded and the outputs cropped back.
+    skip levels).  Every task's loss flows through them, but the joint-attention stages after them
+    are *shared* parameters that no single tensor separates from the heads: feature-level gradient
+    calibration does not reach them, so calibrate this decoder at the 'params' level.
+    Task parameters: task t's stage read-out convs, final conv and head (the read-out LayerNorm spans
+    all tasks, so everything before it is shared).  `forward(images, [t])` still runs every task's
+    tokens through the stages (t attends to them); it skips the other tasks' read-outs, heads and
+    aux outputs.
 
     Options:
-        task_channels: width of the preliminary task features (512 for ViT-L in the release).
-        prediction_channels: extra token width for re-embedded predictions (64); stage-0 width is
-            task_channels + prediction_channels, halved at each stage.
-        num_stages: UP-Transformer stages (3); stage k at stride input_stride / 2^k.
+        task_channels: width of the preliminary task features (512 in the release).
+        prediction_channels: extra token width for the re-embedded predictions (64); the stage-0
+            width is task_channels + prediction_channels, halved at each stage.
+        num_stages: stages (3); stage k at stride input_stride / 2^k.
         input_stride: stride of the first stage (32).
         num_heads: attention heads per stage (2).
         mlp_ratio: MLP expansion (4).
         q_stride: stride of the depth-wise conv query projection (2).
-        kv_strides: key/value projection stride per stage ((2, 4, 8): a constant key count).
-        kv_proj: "dwconv" (depth-wise conv + BN) or "avg" (average pooling, the release's choice).
+        kv_strides: key/value pooling stride per stage ((2, 4, 8): a constant key count).
+        kv_proj: "avg" (average pooling, the release) or "dwconv" (depth-wise conv + BN).
         message_passing: pass fused attention scores from stage to stage (True).
-        drop_path: stochastic depth rate in every stage (0.15).
+        drop_path: stochastic depth rate in every stage (0, the release's effective rate).
         norm: "bn" or "gn" in the convolutional parts.
+        saliency_channels: 2 (background/salient logits, the release) or 1 (one logit).
     """
 
     def __init__(
@@ -274,10 +315,11 @@ class CrossTaskAttentionDecoder(MultiTaskDecoder):
         mlp_ratio: float = 4.0,
         q_stride: int = 2,
         kv_strides: Sequence[int] = (2, 4, 8),
-        kv_proj: str = "dwconv",
+        kv_proj: str = "avg",
         message_passing: bool = True,
-        drop_path: float = 0.15,
+        drop_path: float = 0.0,
         norm: str = "bn",
+        saliency_channels: int = 2,
     ):
         super().__init__(tasks)
         self.backbone = make_backbone()
@@ -289,62 +331,76 @@ class CrossTaskAttentionDecoder(MultiTaskDecoder):
         if len(kv_strides) != num_stages:
             raise ValueError(f"kv_strides needs one entry per stage ({num_stages}), got {list(kv_strides)}")
         self.task_names = list(tasks)
+        self.out_channels = task_output_channels(tasks, saliency_channels)
         self.input_stride, self.num_stages = input_stride, num_stages
         self.stage_strides = [input_stride >> k for k in range(num_stages)]
         self.output_stride = self.stage_strides[-1] // 2
-        self.size_divisor = max(max(strides), input_stride)
+        self.size_divisor = max(max(strides), 2 * input_stride)
         dim0 = task_channels + prediction_channels
         self.dims = [dim0 >> k for k in range(num_stages)]
         if min(self.dims) < num_heads:
             raise ValueError(f"stage widths {self.dims} are too narrow for {num_heads} heads")
         self.input_level = len(strides) - 1
         self.skip_levels = [None] + [self._skip_level(strides, s, k) for k, s in enumerate(self.stage_strides) if k]
-        names = self.task_names
+        names, outs = self.task_names, self.out_channels
 
         cin = channels[self.input_level]
         self.preliminary = nn.ModuleDict(
             {t: nn.Sequential(ConvBNReLU(cin, cin, norm=norm), ConvBNReLU(cin, task_channels, norm=norm)) for t in names}
         )
-        self.aux_heads = nn.ModuleDict({t: nn.Conv2d(task_channels, s.out_channels, 1) for t, s in tasks.items()})
-        self.embed = nn.ModuleDict(
-            {t: nn.Conv2d(task_channels + s.out_channels, dim0, 1) for t, s in tasks.items()}
-        )
+        self.aux_heads = nn.ModuleDict({t: nn.Conv2d(task_channels, outs[t], 1) for t in names})
+        self.embed = nn.ModuleDict({t: nn.Conv2d(task_channels + outs[t], dim0, 1) for t in names})
         self.up_embed = nn.ModuleList(
             [nn.ModuleDict()]
             + [nn.ModuleDict({t: UpEmbed(self.dims[k - 1], self.dims[k], norm) for t in names}) for k in range(1, num_stages)]
         )
         self.skip_proj = nn.ModuleList(
             [nn.Identity()]
-            + [nn.Conv2d(channels[self.skip_levels[k]], self.dims[k], 3, padding=1) for k in range(1, num_stages)]
+            + [
+                skip_projection(channels[self.skip_levels[k]], self.dims[k], strides[self.skip_levels[k]], self.stage_strides[k])
+                for k in range(1, num_stages)
+            ]
         )
         self.blocks = nn.ModuleList(
-            JointTaskBlock(names, self.dims[k], num_heads, mlp_ratio, q_stride, kv_strides[k], kv_proj, drop_path, k > 0 and message_passing)
+            JointTaskBlock(names, self.dims[k], num_heads, mlp_ratio, q_stride, kv_strides[k], kv_proj, drop_path,
+                           k > 0 and message_passing)
             for k in range(num_stages)
         )
-        self.readout_norm = nn.ModuleList(nn.ModuleDict({t: nn.LayerNorm(self.dims[k]) for t in names}) for k in range(num_stages))
+        # one LayerNorm over all tasks' channels per stage (task blocks in task order)
+        self.readout_norm = nn.ModuleList(nn.LayerNorm(len(names) * d) for d in self.dims)
         self.readout = nn.ModuleList(
             nn.ModuleDict({t: (nn.Conv2d(self.dims[k], dim0, 1) if k else nn.Identity()) for t in names})
             for k in range(num_stages)
         )
-        self.final = nn.ModuleDict({t: ConvBNReLU(dim0, dim0, norm=norm) for t in names})
-        self.heads = nn.ModuleDict({t: nn.Conv2d(dim0, s.out_channels, 1) for t, s in tasks.items()})
+        self.final = nn.ModuleDict(
+            {t: nn.Sequential(nn.Conv2d(dim0, dim0, 3, padding=1), make_norm(norm, dim0), nn.ReLU(inplace=True)) for t in names}
+        )
+        self.heads = nn.ModuleDict({t: nn.Conv2d(dim0, outs[t], 1) for t in names})
         self.message_passing = message_passing
         self._init_weights()
 
     @staticmethod
     def _skip_level(strides: list[int], stride: int, stage: int) -> int:
-        if len(set(strides)) == 1:  # plain ViT: all levels share a stride; deeper stages take shallower layers
-            return max(0, len(strides) - 1 - stage)
+        if len(set(strides)) == 1:  # plain ViT: levels share a stride; stage k takes level L-2-k
+            return max(0, len(strides) - 2 - stage)
         return min(range(len(strides)), key=lambda i: (abs(math.log2(strides[i] / stride)), strides[i]))
 
     def _init_weights(self) -> None:
-        for m in [*self.blocks.modules(), *self.readout_norm.modules()]:
+        for m in self.blocks.modules():
             if isinstance(m, nn.Linear):
                 trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        for seq in self.final.values():
+            trunc_normal_(seq[0].weight, std=0.02)
 
     # ------------------------------------------------------------------ forward
+    def _readout(self, k: int, maps: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Stage k's maps after the joint LayerNorm, split back per task."""
+        joint = torch.cat([maps[t] for t in self.task_names], 1)
+        joint = JointTaskBlock.channel_norm(self.readout_norm[k], joint)
+        return dict(zip(self.task_names, joint.split(self.dims[k], 1)))
+
     def forward(self, images: Tensor, tasks: Sequence[str]) -> ModelOutput:
         size = tuple(images.shape[-2:])
         padded = pad_to_multiple(images, self.size_divisor)
@@ -368,12 +424,13 @@ class CrossTaskAttentionDecoder(MultiTaskDecoder):
         fused: dict[str, Tensor] = {}
         for k, block in enumerate(self.blocks):
             if k:
-                skip = resize_to(self.skip_proj[k](feats[self.skip_levels[k]]), _grid(psize, self.stage_strides[k]))
+                grid = _grid(psize, self.stage_strides[k])
+                skip = resize_to(self.skip_proj[k](feats[self.skip_levels[k]]), grid)
                 maps = {t: self.up_embed[k][t](m) + skip for t, m in maps.items()}
             maps = block(maps, message)
+            normed = self._readout(k, maps)
             for t in tasks:
-                r = self.readout_norm[k][t](maps[t].permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-                r = resize_to(self.readout[k][t](r), out_size)
+                r = resize_to(self.readout[k][t](normed[t]), out_size)
                 fused[t] = r if k == 0 else fused[t] + r
 
         out = {t: crop_to(self.heads[t](self.final[t](fused[t])), psize, size) for t in tasks}
@@ -384,8 +441,6 @@ class CrossTaskAttentionDecoder(MultiTaskDecoder):
 
     def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
         for k in range(self.num_stages):
-            yield from self.readout_norm[k][task].parameters()
             yield from self.readout[k][task].parameters()
-        yield from self.blocks[-1].attn.conv_q[task].parameters()
         yield from self.final[task].parameters()
         yield from self.heads[task].parameters()

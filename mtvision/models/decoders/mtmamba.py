@@ -1,16 +1,44 @@
-"""Cross-task state-space decoder: MTMamba (Lin et al., ECCV 2024) and MTMamba++ (Lin et al. 2024).
+"""Cross-task state-space decoder: MTMamba (Lin et al., ECCV 2024) and MTMamba++ (Lin et al., TPAMI 2025).
 
-The decoder climbs from the coarsest backbone level to finer ones.  Each stage, per task: patch
-expand (linear + pixel shuffle, LayerNorm), concatenate the backbone skip of that scale and reduce
-(ECR); `stm_depth` self-task Mamba blocks (STM: x + SS2D(LN(x))); then one cross-task block over
-the tasks being computed:
-  * "mtmamba" (F-CTM): a shared SS2D over all task features and one SS2D per task, mixed per task by
-    a learned sigmoid gate on the task feature, then a per-task out-projection and residual;
-  * "mtmamba++" (S-CTM): a shared map from all task features (1x1 projections, 3x3 conv); each
-    task's own feature is the scanned input u of a cross SSM whose Δ, B and C come from the shared
-    map, with a residual.
-A per-task head (conv-norm-ReLU + 1x1, as MTMamba++) predicts from the last stage.  In training mode,
-per-task 1x1 predictions from every earlier stage come back as the output's deep supervision.
+By default the layers, constants and initialisations are those of the authors' release
+(EnVision-Research/MTMamba, `models/MTMamba.py` and `models/MTMamba_plus.py`).  The decoder climbs
+from the coarsest backbone level to finer ones.  Each stage, per task: patch expand (linear without
+bias, pixel shuffle, LayerNorm), concatenation with the backbone level of that scale and a linear
+reduction with bias (ECR); `stm_depth` self-task Mamba blocks (STM: x + SS2D(LN(x)), no MLP); then
+one cross-task block over the tasks:
+
+* "mtmamba" (F-CTM): one LayerNorm over the concatenated task features (T x C channels), a linear
+  map to 2C, depthwise conv + SiLU, the four-direction scan and a LayerNorm (the shared map); per
+  task its own LayerNorm, an SS2D without gate or out-projection, a sigmoid gate (linear C -> 2C)
+  that mixes shared and own maps, an out-projection 2C -> C and the residual.
+* "mtmamba++" (S-CTM): one LayerNorm over the concatenated task features, a 1x1 convolution with
+  bias to C channels and a 3x3 convolution with bias (the shared map); per task x + CSS2D(LN(x),
+  shared), a cross SS2D that scans the task's own feature with Δ, B and C projected from the shared
+  map.
+
+Heads: MTMamba expands the last map x4 (linear C -> 16C without bias, pixel shuffle, LayerNorm)
+and projects it with a 1x1 convolution with bias; MTMamba++ uses a 3x3 convolution with bias
+(truncated-normal 0.02 initialisation), batch norm, ReLU and a 1x1 convolution, whose output the
+model resizes bilinearly to the input.  Stochastic depth decays linearly from 0.2 at the first
+block of the first stage to 0 at the last cross-task block (9 values for 3 stages).  Neither
+release has deep supervision (`deep_supervision=False`, the default, builds no auxiliary heads).
+
+Where the releases are not defined, mtvision chooses (documented, no effect on the full model):
+* task order: the concatenations over tasks follow the model's task order (a converted release
+  lists its tasks in the release's order), whatever order `forward` is asked for;
+* task subsets: the joint LayerNorm runs over the selected tasks' channels (their slices of its
+  affine parameters) and the linear map over the concatenation uses their columns, scaled by
+  T / (number selected); with one task selected the cross-task block is skipped (a single-task
+  model has none);
+* saliency: the releases' saliency head has two outputs (softmax over background/foreground); the
+  head keeps both (`two_class_saliency`) and the model returns their difference l1 - l0, the logit
+  whose sigmoid is the release's foreground probability, as mtvision's saliency task expects;
+* inputs whose size is not a multiple of the coarsest used stride are zero-padded (bottom/right)
+  and the outputs cropped (the releases are run at 448x576 / 512x512 only).
+Release details that the papers do not spell out, followed here: the cross-task blocks normalise
+the concatenation of all tasks with one LayerNorm (statistics over T x C channels, not per task);
+the S-CTM's 1x1 convolution has a bias; the MTMamba head is exactly patch expand x4, LayerNorm and a
+1x1 convolution (no norm or activation after it).
 """
 
 from __future__ import annotations
@@ -19,16 +47,17 @@ from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath
+from timm.layers import DropPath, trunc_normal_
 from torch import Tensor, nn
 
 from mtvision.errors import MTVisionError
 from mtvision.models.decoders.base import BackboneFactory, ModelOutput, MultiTaskDecoder, graph_boundary, model_output
-from mtvision.models.heads import TaskHead, resize_to
+from mtvision.models.heads import make_norm, resize_to
 from mtvision.models.ssm.ss2d import SS2D
 from mtvision.tasks import Task
 
 VARIANTS = ("mtmamba", "mtmamba++")
+SALIENCY = "saliency"
 
 
 class SSMDecoderError(MTVisionError, ValueError):
@@ -36,7 +65,8 @@ class SSMDecoderError(MTVisionError, ValueError):
 
 
 class PatchExpand(nn.Module):
-    """x`scale` upsampling of a channels-last map: linear to scale² x out channels, pixel shuffle, LayerNorm."""
+    """x`scale` upsampling of a channels-last map: linear (no bias) to scale² x out channels, pixel
+    shuffle with the channel vector laid out (row offset, column offset, channel), LayerNorm."""
 
     def __init__(self, in_channels: int, out_channels: int, scale: int):
         super().__init__()
@@ -52,7 +82,7 @@ class PatchExpand(nn.Module):
 
 
 class Mlp(nn.Sequential):
-    """Linear, GELU, linear (the optional FFN of an STM block)."""
+    """Linear, GELU, linear (the optional FFN of an STM block; the releases have none)."""
 
     def __init__(self, channels: int, hidden: int):
         super().__init__(nn.Linear(channels, hidden), nn.GELU(), nn.Linear(hidden, channels))
@@ -78,21 +108,41 @@ class STMBlock(nn.Module):
         return x
 
 
+def joint_layer_norm(parts: Sequence[Tensor], norm: nn.LayerNorm, index: Sequence[int], total: int) -> Tensor:
+    """LayerNorm over the concatenation of `parts` (the tasks `index` of `total`, in model order);
+    with every task it is `norm` itself, otherwise the slices of its affine parameters are used."""
+    x = torch.cat(list(parts), dim=-1)
+    if len(index) == total:
+        return norm(x)
+    width = norm.normalized_shape[0] // total
+    weight = norm.weight.view(total, width)[list(index)].flatten()
+    bias = norm.bias.view(total, width)[list(index)].flatten()
+    return F.layer_norm(x, (len(index) * width,), weight, bias, norm.eps)
+
+
+def joint_linear(x: Tensor, weight: Tensor, bias: Tensor | None, index: Sequence[int], total: int) -> Tensor:
+    """A linear map of the concatenated features of tasks `index` of `total`: `weight`'s columns of
+    those tasks, scaled by total / len(index) (all tasks: the plain linear map)."""
+    if len(index) == total:
+        return F.linear(x, weight, bias)
+    out, width = weight.shape[0], weight.shape[1] // total
+    selected = weight.view(out, total, width)[:, list(index)].flatten(1) * (total / len(index))
+    return F.linear(x, selected, bias)
+
+
 class _CrossTaskBlock(nn.Module):
-    """Shared aggregation of the selected tasks' features: mean_t of Linear_t(LN_t(x_t)).
+    """Common part of both cross-task blocks: the joint LayerNorm over the model's tasks."""
 
-    This equals a linear map of the (per-task normalised) concatenation, as in the papers, and stays
-    defined for any subset of the tasks.  `exclusive(t)` lists the modules that only task t uses.
-    """
-
-    def __init__(self, tasks: Sequence[str], channels: int, shared_channels: int):
+    def __init__(self, tasks: Sequence[str], channels: int):
         super().__init__()
-        self.share_norm = nn.ModuleDict({t: nn.LayerNorm(channels) for t in tasks})
-        self.share_proj = nn.ModuleDict({t: nn.Linear(channels, shared_channels, bias=False) for t in tasks})
+        self.tasks = list(tasks)
+        self.shared_norm = nn.LayerNorm(len(self.tasks) * channels)
 
-    def aggregate(self, feats: dict[str, Tensor]) -> Tensor:
-        parts = [self.share_proj[t](self.share_norm[t](x)) for t, x in feats.items()]
-        return torch.stack(parts).mean(0)
+    def _joint(self, feats: dict[str, Tensor]) -> tuple[Tensor, list[int]]:
+        """The normalised concatenation of the given tasks (in model order) and their indices."""
+        index = [i for i, t in enumerate(self.tasks) if t in feats]
+        parts = [feats[self.tasks[i]] for i in index]
+        return joint_layer_norm(parts, self.shared_norm, index, len(self.tasks)), index
 
     def exclusive(self, task: str) -> list[nn.Module]:
         raise NotImplementedError
@@ -101,30 +151,31 @@ class _CrossTaskBlock(nn.Module):
 class FeatureCTM(_CrossTaskBlock):
     """MTMamba's cross-task Mamba block (F-CTM), channels-last.
 
-    shared = LN(SS2D-scan(SiLU(DWConv(aggregate))))); own_t = SS2D(LN(x_t)) without gate;
-    g_t = sigmoid(Linear(LN(x_t))); out_t = x_t + OutProj_t(g_t * shared + (1 - g_t) * own_t).
+    shared = LN(scan(SiLU(DWConv(Linear(LN_joint(cat_t x_t)))))); own_t = SS2D(LN_t(x_t)) without
+    gate or out-projection; g_t = sigmoid(Linear_t(LN_t(x_t)));
+    out_t = x_t + OutProj_t(g_t * shared + (1 - g_t) * own_t).
     """
 
     def __init__(self, tasks: Sequence[str], channels: int, ssm: dict, drop_path: float = 0.0):
-        shared = SS2D(channels, **ssm, gated=False)
-        super().__init__(tasks, channels, shared.d_inner)
-        shared.in_proj = nn.Identity()  # the aggregation is the shared in-projection
-        self.shared = shared
-        d_inner = shared.d_inner
-        self.norm = nn.ModuleDict({t: nn.LayerNorm(channels) for t in tasks})
-        self.op = nn.ModuleDict({t: SS2D(channels, **ssm, gated=False) for t in tasks})
-        self.gate = nn.ModuleDict({t: nn.Linear(channels, d_inner, bias=False) for t in tasks})
-        self.out_proj = nn.ModuleDict({t: nn.Linear(d_inner, channels, bias=False) for t in tasks})
+        super().__init__(tasks, channels)
+        self.shared = SS2D(channels, **ssm, in_channels=len(self.tasks) * channels, gated=False)
+        d_inner = self.shared.d_inner
+        self.norm = nn.ModuleDict({t: nn.LayerNorm(channels) for t in self.tasks})
+        self.op = nn.ModuleDict({t: SS2D(channels, **ssm, gated=False) for t in self.tasks})
+        self.gate = nn.ModuleDict({t: nn.Linear(channels, d_inner, bias=False) for t in self.tasks})
+        self.out_proj = nn.ModuleDict({t: nn.Linear(d_inner, channels, bias=False) for t in self.tasks})
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, feats: dict[str, Tensor]) -> dict[str, Tensor]:
-        shared = self.shared(self.aggregate(feats))
+        x, index = self._joint(feats)
+        projected = joint_linear(x, self.shared.in_proj.weight, None, index, len(self.tasks))
+        shared = self.shared.forward_projected(projected)
         out = {}
-        for t, x in feats.items():
-            z = self.norm[t](x)
+        for t, x_t in feats.items():
+            z = self.norm[t](x_t)
             g = torch.sigmoid(self.gate[t](z))
             mixed = g * shared + (1 - g) * self.op[t](z)
-            out[t] = x + self.drop_path(self.out_proj[t](mixed))
+            out[t] = x_t + self.drop_path(self.out_proj[t](mixed))
         return out
 
     def exclusive(self, task: str) -> list[nn.Module]:
@@ -134,23 +185,58 @@ class FeatureCTM(_CrossTaskBlock):
 class SemanticCTM(_CrossTaskBlock):
     """MTMamba++'s semantic-aware cross-task block (S-CTM), channels-last.
 
-    shared = Conv3x3(aggregate); out_t = x_t + CSS2D_t(LN(x_t), shared), where the cross SS2D scans
-    the task feature with Δ, B, C projected from the shared map.
+    shared = Conv3x3(Conv1x1(LN_joint(cat_t x_t))) (both with bias, nothing between them);
+    out_t = x_t + CSS2D_t(LN_t(x_t), shared), a cross SS2D scanning the task feature with Δ, B, C
+    projected from the shared map.
     """
 
     def __init__(self, tasks: Sequence[str], channels: int, ssm: dict, drop_path: float = 0.0):
-        super().__init__(tasks, channels, channels)
+        super().__init__(tasks, channels)
+        self.share_proj = nn.Linear(len(self.tasks) * channels, channels)  # the 1x1 convolution
         self.share_conv = nn.Conv2d(channels, channels, 3, padding=1)
-        self.norm = nn.ModuleDict({t: nn.LayerNorm(channels) for t in tasks})
-        self.op = nn.ModuleDict({t: SS2D(channels, **ssm, cross=True) for t in tasks})
+        self.norm = nn.ModuleDict({t: nn.LayerNorm(channels) for t in self.tasks})
+        self.op = nn.ModuleDict({t: SS2D(channels, **ssm, cross=True) for t in self.tasks})
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, feats: dict[str, Tensor]) -> dict[str, Tensor]:
-        shared = self.share_conv(self.aggregate(feats).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return {t: x + self.drop_path(self.op[t](self.norm[t](x), shared)) for t, x in feats.items()}
+        x, index = self._joint(feats)
+        shared = joint_linear(x, self.share_proj.weight, self.share_proj.bias, index, len(self.tasks))
+        shared = self.share_conv(shared.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return {t: x_t + self.drop_path(self.op[t](self.norm[t](x_t), shared)) for t, x_t in feats.items()}
 
     def exclusive(self, task: str) -> list[nn.Module]:
         return [self.norm[task], self.op[task]]
+
+
+class ExpandHead(nn.Module):
+    """MTMamba's head: x`scale` patch expand at the same width, then a 1x1 convolution with bias
+    (channels-last in, NCHW out)."""
+
+    def __init__(self, channels: int, out_channels: int, scale: int = 4):
+        super().__init__()
+        self.expand = PatchExpand(channels, channels, scale)
+        self.out = nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.expand(x).permute(0, 3, 1, 2))
+
+
+class ConvHead(nn.Module):
+    """MTMamba++'s head: 3x3 convolution with bias (truncated-normal 0.02), norm, ReLU, then a 1x1
+    convolution with bias (channels-last in, NCHW out at the same resolution)."""
+
+    def __init__(self, channels: int, out_channels: int, hidden_channels: int = 96, norm: str = "bn"):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, hidden_channels, 3, padding=1),
+            make_norm(norm, hidden_channels),
+            nn.ReLU(inplace=True),
+        )
+        trunc_normal_(self.body[0].weight, std=0.02)
+        self.out = nn.Conv2d(hidden_channels, out_channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.body(x.permute(0, 3, 1, 2)))
 
 
 def _power_of_two_ratio(fine: int, coarse: int) -> int | None:
@@ -164,14 +250,16 @@ class CrossTaskSSMDecoder(MultiTaskDecoder):
     """MTMamba / MTMamba++ decoder on any backbone whose consecutive used levels differ by a
     power-of-two stride ratio (x1 for plain ViTs, x2 for CNNs and Swin).
 
+    The releases' backbone is mmseg's Swin-L: `backbone.swin_impl: mmseg` with
+    `output_norm: all` (eps 1e-5) on timm's `swin_large_patch4_window12_384`.
+
     Shared representation: the backbone feature maps the decoder reads (the exact tensors).
     `forward(images, tasks)`: only the listed tasks' branches run, and the cross-task blocks mix
-    those tasks only (with one task they are skipped, which is the single-task path); a subset's
-    outputs therefore differ from the same tasks' outputs of a full forward.  Inputs whose size is not
-    a multiple of the coarsest used stride are zero-padded (bottom/right) and the outputs cropped.
+    those tasks only (see the module docstring); a subset's outputs therefore differ from the same
+    tasks' outputs of a full forward.
 
     Options:
-        variant: "mtmamba" (F-CTM cross-task block) or "mtmamba++" (S-CTM, cross SSM).
+        variant: "mtmamba" (F-CTM, x4 patch-expand heads) or "mtmamba++" (S-CTM, conv heads).
         channels: decoder width per stage (int for all stages, a list coarse to fine, or None: the
             backbone channels of each stage's skip level, as in the papers).
         d_state: SSM state size (16). expand: SS2D expansion (2). d_conv: depthwise kernel (3).
@@ -180,17 +268,20 @@ class CrossTaskSSMDecoder(MultiTaskDecoder):
             stages stop at a coarser output stride).
         stm_depth: STM blocks per task and stage (2). mlp_ratio: FFN ratio in STM blocks (0: none).
         drop_path: stochastic depth, decaying linearly from this value at the first block to 0 (0.2).
-        head_channels: hidden channels of the final task heads (96, as MTMamba++).
-        norm: normalisation of the task heads, "bn" or "gn".
-        deep_supervision: return per-task predictions of the earlier stages as deep supervision
-            during training (the papers' NYUD/PASCAL recipes train without it).
+        head_channels: hidden channels of the MTMamba++ heads (96).
+        norm: normalisation of the MTMamba++ heads, "bn" (the release: SyncBN across GPUs, see
+            train.sync_bn) or "gn".
+        two_class_saliency: the saliency head has the releases' two outputs and the model returns
+            their difference (True) or it has one output (False).
+        deep_supervision: build per-task 1x1 predictions of the earlier stages and return them as
+            deep supervision during training (the releases have none).
     """
 
     def __init__(
         self,
         make_backbone: BackboneFactory,
         tasks: dict[str, Task],
-        variant: str = "mtmamba++",
+        variant: str = "mtmamba",
         channels: int | list[int] | None = None,
         d_state: int = 16,
         expand: float = 2.0,
@@ -202,7 +293,8 @@ class CrossTaskSSMDecoder(MultiTaskDecoder):
         drop_path: float = 0.2,
         head_channels: int = 96,
         norm: str = "bn",
-        deep_supervision: bool = True,
+        two_class_saliency: bool = True,
+        deep_supervision: bool = False,
     ):
         super().__init__(tasks)
         if variant not in VARIANTS:
@@ -241,7 +333,7 @@ class CrossTaskSSMDecoder(MultiTaskDecoder):
         self.output_stride = used[0]
         self.deep_supervision = deep_supervision
         ssm = dict(d_state=d_state, expand=expand, d_conv=d_conv, dt_rank=dt_rank)
-        rates = torch.linspace(drop_path, 0, stages * (stm_depth + 1)).tolist()
+        rates = torch.linspace(drop_path, 0, stages * (stm_depth + 1), device="cpu").tolist()
         cross_block = SemanticCTM if variant == "mtmamba++" else FeatureCTM
 
         names = list(tasks)
@@ -260,14 +352,26 @@ class CrossTaskSSMDecoder(MultiTaskDecoder):
                 self.stm[t].append(nn.Sequential(*blocks))
             self.cross.append(cross_block(names, width, ssm, r[-1]) if len(names) > 1 else nn.Identity())
             prev = width
-        self.heads = nn.ModuleDict(
-            {n: TaskHead(prev, t.out_channels, head_channels, norm=norm) for n, t in tasks.items()}
-        )
-        self.aux_heads = nn.ModuleDict(
-            {n: nn.ModuleList(nn.Linear(w, t.out_channels) for w in widths[:-1]) for n, t in tasks.items()}
-        )
+        self.two_class = {t for t in names if t == SALIENCY and two_class_saliency}
+        head_out = {n: 2 if n in self.two_class else t.out_channels for n, t in tasks.items()}
+        if variant == "mtmamba":
+            heads = {n: ExpandHead(prev, head_out[n]) for n in names}
+        else:
+            heads = {n: ConvHead(prev, head_out[n], head_channels, norm=norm) for n in names}
+        self.heads = nn.ModuleDict(heads)
+        self.aux_heads = None
+        if deep_supervision:
+            self.aux_heads = nn.ModuleDict(
+                {n: nn.ModuleList(nn.Linear(w, t.out_channels) for w in widths[:-1]) for n, t in tasks.items()}
+            )
 
     # ------------------------------------------------------------------ forward
+    def _predict(self, task: str, x: Tensor) -> Tensor:
+        out = self.heads[task](x)
+        if task in self.two_class:  # softmax over (background, foreground) -> the foreground logit
+            out = out[:, 1:2] - out[:, 0:1]
+        return out
+
     def forward(self, images: Tensor, tasks: Sequence[str]) -> ModelOutput:
         height, width = images.shape[-2:]
         pad_h, pad_w = (-height) % self.stride, (-width) % self.stride
@@ -277,6 +381,7 @@ class CrossTaskSSMDecoder(MultiTaskDecoder):
         used = graph_boundary([feats[i] for i in self.levels])
         maps = [f.permute(0, 2, 3, 1) for f in used]  # channels-last
         x = {t: maps[-1] for t in tasks}
+        supervise = self.training and self.aux_heads is not None
         aux: dict[str, list[Tensor]] = {t: [] for t in tasks}
         stages = len(self.cross)
         for i in range(stages):
@@ -288,11 +393,11 @@ class CrossTaskSSMDecoder(MultiTaskDecoder):
                 x[t] = self.stm[t][i](self.reduce[t][i](torch.cat([up, skip], dim=-1)))
             if len(tasks) > 1:
                 x = self.cross[i](x)
-            if self.training and self.deep_supervision and i < stages - 1:
+            if supervise and i < stages - 1:
                 for t in tasks:
                     aux[t].append(self.aux_heads[t][i](x[t]).permute(0, 3, 1, 2))
-        out = {t: self.heads[t](x[t].permute(0, 3, 1, 2)) for t in tasks}
-        deep = aux if self.training and self.deep_supervision and stages > 1 else {}
+        out = {t: self._predict(t, x[t]) for t in tasks}
+        deep = aux if supervise and stages > 1 else {}
         if pad_h or pad_w:
             padded = images.shape[-2:]
             crop = lambda y: resize_to(y, padded)[..., :height, :width]  # noqa: E731
@@ -303,9 +408,11 @@ class CrossTaskSSMDecoder(MultiTaskDecoder):
     # ------------------------------------------------------------------ contract
 
     def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
-        """Head and aux heads of `task`, plus everything after the last cross-task block that only
+        """Head (and aux heads) of `task`, plus everything after the last cross-task block that only
         `task` uses (a single-task model: the whole decoder branch)."""
-        modules: list[nn.Module] = [self.heads[task], self.aux_heads[task]]
+        modules: list[nn.Module] = [self.heads[task]]
+        if self.aux_heads is not None:
+            modules.append(self.aux_heads[task])
         if len(self.tasks) == 1:
             modules += [self.expand[task], self.reduce[task], self.stm[task]]
         else:

@@ -1,176 +1,192 @@
-"""Multi-modal distillation decoder: PAD-Net (Xu et al., "PAD-Net: Multi-Tasks Guided Prediction-and-
-Distillation Network for Simultaneous Depth Estimation and Scene Parsing", CVPR 2018), with an
-MTI-Net-style multi-scale option (Vandenhende et al., ECCV 2020).
+"""PAD-Net (Xu et al., "PAD-Net: Multi-Tasks Guided Prediction-and-Distillation Network for
+Simultaneous Depth Estimation and Scene Parsing", CVPR 2018), as released in
+SimonVandenhende/Multi-Task-Learning-PyTorch (the MTI-Net authors' code, HRNet-18 configs).
 
-Single scale (PAD-Net): the backbone levels are fused by the FPN neck into the shared map; per task,
-two 3x3 conv-BN-ReLU give the intermediate feature F_t and a 1x1 conv the intermediate prediction
-(deep supervision, the output's `deep_supervision[t]` in training).  Attention-guided message passing (the paper's
-distillation variant C) refines every task's feature with messages from the other tasks:
+Layer by layer (every interpolation bilinear with align_corners=False, BatchNorm eps 1e-5):
 
-    F_t^o = F_t + sum_{s != t} G_t * (W_s F_s),     G_t = sigmoid(W_g^t F_t)
+1. Fuse: every backbone level resized to the finest level, concatenated (HRNet-W18: 18 + 36 + 72
+   + 144 = 270 channels at stride 4), then a 1x1 convolution with bias, BN and ReLU (`FuseLevels`).
+2. Initial predictions, per task t: two bottleneck blocks (`Bottleneck`, 1x1-3x3-1x1 at width
+   head_channels / 4, output head_channels = 256; the first with a 1x1 conv + BN projection
+   shortcut) give the task feature F_t, and a 1x1 convolution the initial prediction (deep
+   supervision at the fused map's resolution).
+3. Multi-modal distillation (`MultiModalDistillation`), one spatial-attention block per
+   (target t, source s != t) pair, both 3x3 convolutions bias-free and both reading the source:
 
-with W_s a 3x3 conv per source task and W_g^t a 3x3 conv per target task, as in the paper (one
-message transform per source, one gate per target).  A per-task head decodes F_t^o.
+       D_t = F_t + sum_{s != t} conv_{t,s}(F_s) * sigmoid(attention_{t,s}(F_s))
 
-Multi-scale (`multi_scale=True`, MTI-Net style): the same prediction-and-distillation runs at every
-backbone level (aux predictions at every scale, `aux[t]` is a list fine to coarse); a feature
-propagation step feeds each scale the upsampled intermediate features of all tasks from the next
-coarser scale (concatenated, 1x1 conv-BN-ReLU, added to that scale's input: a simplified form of
-MTI-Net's feature propagation module, without its per-task squeeze-and-excitation); the distilled
-features of all scales are upsampled to the finest, concatenated and fused per task by a 3x3
-conv-BN-ReLU before the head.
+4. Final heads, per task: two bottleneck blocks and a 1x1 convolution, at the fused map's resolution
+   (the model resizes the prediction to the input size).
+
+Differences with the release: the release needs input sizes that are multiples of the backbone's
+largest stride (it trains at fixed 512x512 / 480x640); here other sizes are zero-padded to one and
+the outputs cropped back (identical at those sizes).  The release's auxiliary-only tasks (its NYUD
+"+edges_normals" variant, where normals and edges are distillation sources but not outputs) are not
+modelled: every task is both.  The paper's distillation variants other than the released one are
+not provided.  The release trains on HRNet-W18-small-v2 whose fuse layers upsample bilinearly
+(`backbone.upsample_mode: bilinear` on timm's `hrnet_w18_small_v2`, whose own are nearest).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from mtvision.models.decoders.base import BackboneFactory, ModelOutput, MultiTaskDecoder, graph_boundary, model_output
 from mtvision.models.decoders.invpt import check_strides, crop_to, pad_to_multiple
-from mtvision.models.heads import ConvBNReLU, MultiScaleNeck, TaskHead, make_norm, resize_to
+from mtvision.models.heads import resize_to
 from mtvision.tasks import Task
 
 
-class AttentionDistillation(nn.Module):
-    """F_t <- F_t + sum_{s != t} sigmoid(W_g^t F_t) * (W_s F_s) for T same-shaped task features.
+class Bottleneck(nn.Module):
+    """1x1 (to `width`) - 3x3 - 1x1 (to `out_channels`) convolutions, each bias-free with BN, ReLU
+    between, added to the input (through a 1x1 conv + BN projection when the widths differ), ReLU."""
 
-    With one task there is nothing to distil: the module holds no parameters and is the identity.
-    """
+    def __init__(self, in_channels: int, width: int, out_channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = (
+            nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels))
+            if in_channels != out_channels
+            else None
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+def bottlenecks(in_channels: int, channels: int) -> nn.Sequential:
+    """Two `Bottleneck`s of width channels / 4 mapping `in_channels` to `channels`."""
+    return nn.Sequential(Bottleneck(in_channels, channels // 4, channels), Bottleneck(channels, channels // 4, channels))
+
+
+class SpatialAttentionMessage(nn.Module):
+    """The message of one source feature to one target: conv(F_s) * sigmoid(attention(F_s)), both
+    3x3 convolutions without bias."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.attention = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+
+    def forward(self, source: Tensor) -> Tensor:
+        return self.conv(source) * torch.sigmoid(self.attention(source))
+
+
+class MultiModalDistillation(nn.Module):
+    """D_t = F_t + sum over the other tasks s (in task order) of message_{t,s}(F_s), one
+    `SpatialAttentionMessage` per (target, source) pair (`messages[t][s]`).  With one task it holds
+    nothing and is the identity."""
 
     def __init__(self, task_names: Sequence[str], channels: int):
         super().__init__()
-        names = list(task_names)
-        multi = len(names) > 1
-        self.messages = nn.ModuleDict({t: nn.Conv2d(channels, channels, 3, padding=1) for t in names} if multi else {})
-        self.gates = nn.ModuleDict({t: nn.Conv2d(channels, channels, 3, padding=1) for t in names} if multi else {})
+        self.task_names = list(task_names)
+        self.messages = nn.ModuleDict(
+            {t: nn.ModuleDict({s: SpatialAttentionMessage(channels) for s in self.task_names if s != t}) for t in self.task_names}
+            if len(self.task_names) > 1
+            else {}
+        )
 
-    def forward(self, feats: dict[str, Tensor], targets: Sequence[str]) -> dict[str, Tensor]:
-        """Distilled features of `targets` (each reads every other task's feature in `feats`)."""
-        if len(feats) < 2:
-            return {t: feats[t] for t in targets}
-        sources = {s for t in targets for s in feats if s != t}
-        messages = {s: self.messages[s](feats[s]) for s in sources}
+    def forward(self, feats: Mapping[str, Tensor], targets: Sequence[str]) -> dict[str, Tensor]:
+        """Distilled features of `targets` from every task's feature in `feats`."""
         out = {}
         for t in targets:
-            gate = torch.sigmoid(self.gates[t](feats[t]))
-            out[t] = feats[t] + sum(gate * messages[s] for s in feats if s != t)
+            sources = [s for s in self.task_names if s != t]
+            if not sources:
+                out[t] = feats[t]
+                continue
+            messages = torch.stack([self.messages[t][s](feats[s]) for s in sources])
+            out[t] = feats[t] + messages.sum(0)
         return out
 
+    def target_parameters(self, task: str) -> Iterator[nn.Parameter]:
+        """The parameters of the messages into `task`."""
+        if task in self.messages:
+            yield from self.messages[task].parameters()
 
-class _ScaleBranch(nn.Module):
-    """Prediction-and-distillation at one scale: per-task features, aux predictions, distillation."""
 
-    def __init__(self, tasks: dict[str, Task], in_channels: int, channels: int, norm: str):
+class FuseLevels(nn.Module):
+    """Every level resized (bilinear) to the first level's size, concatenated, then a 1x1
+    convolution with bias, BN and ReLU (the release's HighResolutionFuse)."""
+
+    def __init__(self, in_channels: Sequence[int], out_channels: int | None = None):
         super().__init__()
-        self.features = nn.ModuleDict(
-            {t: nn.Sequential(ConvBNReLU(in_channels, channels, norm=norm), ConvBNReLU(channels, channels, norm=norm)) for t in tasks}
-        )
-        self.aux_heads = nn.ModuleDict({t: nn.Conv2d(channels, s.out_channels, 1) for t, s in tasks.items()})
-        self.distill = AttentionDistillation(list(tasks), channels)
+        total = sum(in_channels)
+        out = total if out_channels is None else out_channels
+        self.proj = nn.Sequential(nn.Conv2d(total, out, 1), nn.BatchNorm2d(out), nn.ReLU(inplace=True))
+        self.out_channels = out
 
-    def forward(self, x: Tensor, tasks: Sequence[str]) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
-        """(all tasks' intermediate features, requested tasks' aux predictions, their distilled features)."""
-        feats = {t: f(x) for t, f in self.features.items()}
-        aux = {t: self.aux_heads[t](feats[t]) for t in tasks} if self.training else {}
-        return feats, aux, self.distill(feats, tasks)
+    def forward(self, levels: Sequence[Tensor]) -> Tensor:
+        size = levels[0].shape[-2:]
+        return self.proj(torch.cat([levels[0], *(resize_to(x, size) for x in levels[1:])], 1))
 
 
-class DistillationDecoder(MultiTaskDecoder):
-    """PAD-Net (default) or MTI-Net-style multi-scale (`multi_scale=True`) distillation decoder; see
-    the module docstring for the computation.
+class PADNetDecoder(MultiTaskDecoder):
+    """PAD-Net as released (see the module docstring for the computation).
 
-    Shared representation: single scale, the fused neck map (branch points: the backbone
-    levels feeding the neck); multi-scale, the backbone levels.  Every
-    task's loss flows through it; the distillation's message convs (W_s) come after it and are
-    shared, so feature-level gradient calibration does not reach them: use the 'params' level.
-    Task parameters: task t's aux heads, gates W_g^t, (multi-scale) fusion conv, and head.  The
-    intermediate feature blocks feed other tasks' distillation and are shared.
-    `forward(images, [t])` computes every task's intermediate features (t's distillation reads them)
-    but only t's messages' consumers, aux output and head.
+    Shared representation: the fused map (branch points: the backbone levels feeding the fuse).
+    Every task's loss flows through it.  The initial task blocks come after it and are shared
+    (every task's distillation reads every task's feature), so feature-level gradient calibration
+    does not reach them: use the 'params' level for those.  Task parameters: task t's initial
+    prediction conv, the distillation messages into t and t's final head.  `forward(images, [t])`
+    computes every task's initial features (t's distillation reads them), then t's distillation,
+    deep supervision and head only.
 
     Options:
-        neck_channels: width of the fused neck map (single scale) / per-level projections (multi).
-        task_channels: width of the intermediate task features (the distilled features too).
-        head_channels: hidden width of each task head.
-        multi_scale: MTI-Net-style distillation at every backbone level.
-        norm: "bn" or "gn".
+        head_channels: width of the task features, the distillation and the heads (the release's
+            256; the bottlenecks' inner width is a quarter of it, so a multiple of 4).
+        neck_channels: output width of the fuse convolution (None: the release's, the summed
+            backbone widths, 270 for HRNet-W18).
     """
 
     def __init__(
         self,
         make_backbone: BackboneFactory,
         tasks: dict[str, Task],
-        neck_channels: int = 128,
-        task_channels: int = 128,
-        head_channels: int = 64,
-        multi_scale: bool = False,
-        norm: str = "bn",
+        head_channels: int = 256,
+        neck_channels: int | None = None,
     ):
         super().__init__(tasks)
+        if head_channels < 4 or head_channels % 4:
+            raise ValueError(f"padnet head_channels must be a positive multiple of 4, got {head_channels}")
         self.backbone = make_backbone()
         strides, channels = list(self.backbone.strides), list(self.backbone.channels)
         check_strides(strides, "padnet")
         self.size_divisor = max(strides)
-        self.output_stride = min(strides)
-        self.multi_scale = multi_scale
         self.task_names = list(tasks)
-        names = self.task_names
-        if multi_scale:
-            self.neck = None
-            self.lateral = nn.ModuleList(
-                nn.Sequential(nn.Conv2d(c, neck_channels, 1, bias=False), make_norm(norm, neck_channels)) for c in channels
-            )
-            self.propagate = nn.ModuleList(
-                ConvBNReLU(task_channels * len(names), neck_channels, kernel_size=1, norm=norm) for _ in channels[:-1]
-            )
-            self.scales = nn.ModuleList(_ScaleBranch(tasks, neck_channels, task_channels, norm) for _ in channels)
-            self.aggregate = nn.ModuleDict({t: ConvBNReLU(task_channels * len(channels), task_channels, norm=norm) for t in names})
-        else:
-            self.neck = MultiScaleNeck(channels, strides, neck_channels, norm=norm)
-            self.scales = nn.ModuleList([_ScaleBranch(tasks, neck_channels, task_channels, norm)])
-        self.heads = nn.ModuleDict({t: TaskHead(task_channels, s.out_channels, head_channels, norm=norm) for t, s in tasks.items()})
+        self.fuse = FuseLevels(channels, neck_channels)
+        fused = self.fuse.out_channels
+        self.initial = nn.ModuleDict({t: bottlenecks(fused, head_channels) for t in tasks})
+        self.initial_heads = nn.ModuleDict({t: nn.Conv2d(head_channels, s.out_channels, 1) for t, s in tasks.items()})
+        self.distillation = MultiModalDistillation(self.task_names, head_channels)
+        self.heads = nn.ModuleDict(
+            {t: nn.Sequential(*bottlenecks(head_channels, head_channels), nn.Conv2d(head_channels, s.out_channels, 1)) for t, s in tasks.items()}
+        )
 
     def forward(self, images: Tensor, tasks: Sequence[str]) -> ModelOutput:
         size = tuple(images.shape[-2:])
         padded = pad_to_multiple(images, self.size_divisor)
         psize = tuple(padded.shape[-2:])
-        feats = graph_boundary(self.backbone(padded))
-        if self.neck is not None:
-            branches = feats
-            shared = graph_boundary([self.neck(feats)])
-            _, aux, final = self.scales[0](shared[0], tasks)
-            aux_out = {t: [crop_to(a, psize, size)] for t, a in aux.items()}
-        else:
-            branches, shared = [], feats
-            final, aux_out = self._multi_scale(feats, tasks, psize, size)
-        out = {t: crop_to(self.heads[t](final[t]), psize, size) for t in tasks}
-        deep = aux_out if self.training else {}
-        return model_output(out, deep_supervision=deep, shared=shared, branches=branches)
-
-    def _multi_scale(self, feats: list[Tensor], tasks: Sequence[str], psize, size):
-        per_scale: list[dict[str, Tensor]] = [{} for _ in feats]
-        aux_out: dict[str, list[Tensor]] = {t: [] for t in tasks}
-        below: dict[str, Tensor] | None = None
-        for i in range(len(feats) - 1, -1, -1):  # coarse to fine
-            x = self.lateral[i](feats[i])
-            if below is not None:
-                carried = torch.cat([resize_to(below[t], x.shape[-2:]) for t in self.task_names], 1)
-                x = x + self.propagate[i](carried)
-            below, aux, per_scale[i] = self.scales[i](x, tasks)
-            for t, a in aux.items():
-                aux_out[t].insert(0, crop_to(a, psize, size))
-        finest = feats[0].shape[-2:]
-        final = {t: self.aggregate[t](torch.cat([resize_to(s[t], finest) for s in per_scale], 1)) for t in tasks}
-        return final, (aux_out if self.training else {})
+        levels = graph_boundary(self.backbone(padded))
+        (fused,) = graph_boundary([self.fuse(levels)])
+        feats = {t: block(fused) for t, block in self.initial.items()}
+        distilled = self.distillation(feats, tasks)
+        out = {t: crop_to(self.heads[t](distilled[t]), psize, size) for t in tasks}
+        deep = {t: [crop_to(self.initial_heads[t](feats[t]), psize, size)] for t in tasks} if self.training else {}
+        return model_output(out, deep_supervision=deep, shared=[fused], branches=levels)
 
     def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
-        for branch in self.scales:
-            yield from branch.aux_heads[task].parameters()
-            if task in branch.distill.gates:
-                yield from branch.distill.gates[task].parameters()
-        if self.multi_scale:
-            yield from self.aggregate[task].parameters()
+        yield from self.initial_heads[task].parameters()
+        yield from self.distillation.target_parameters(task)
         yield from self.heads[task].parameters()

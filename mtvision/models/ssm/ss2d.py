@@ -6,7 +6,9 @@ row-major order and summed, then layer-normalised (Liu et al. 2024, "VMamba"; us
 MTMamba).  `SS2D` is the full block of VMamba (in-proj, depthwise conv, SiLU, scan, norm, SiLU gate,
 out-proj); options drop the gate and out-proj (MTMamba's cross-task block applies its own) or take
 Δ, B and C from a second map (MTMamba++'s cross SSM, `forward(x, source)`).  Maps are channels-last:
-(batch, H, W, channels).
+(batch, H, W, channels).  The constants are VMamba's and the MTMamba releases': d_state 16, expand 2,
+dt_rank ceil(d_model / 16), a 3x3 depthwise convolution with bias, SiLU, Δ bias log-uniform in
+[1e-3, 0.1], A = -(1..16), D = 1, a LayerNorm on the scan output, no biases in the projections.
 """
 
 from __future__ import annotations
@@ -126,12 +128,17 @@ class SS2D(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False) if gated else None
 
     def forward(self, x: Tensor, source: Tensor | None = None) -> Tensor:
+        return self.forward_projected(self.in_proj(x), source)
+
+    def forward_projected(self, projected: Tensor, source: Tensor | None = None) -> Tensor:
+        """The block after its in-projection: `projected` is in_proj(x), (B, H, W, d_inner or
+        2 d_inner when gated); for callers that project the input themselves (MTMamba's F-CTM)."""
         if self.cross != (source is not None):
             raise ValueError("a cross SS2D needs a source map, a plain one takes none")
         if self.gated:
-            x, z = self.in_proj(x).chunk(2, dim=-1)
+            x, z = projected.chunk(2, dim=-1)
         else:
-            x, z = self.in_proj(x), None
+            x, z = projected, None
         x = F.silu(self.conv(x.permute(0, 3, 1, 2)))
         src = None if source is None else self.cross_proj(source).permute(0, 3, 1, 2)
         y = self.scan(x, src)  # (B, d_inner, L)

@@ -12,14 +12,18 @@ from mtvision.errors import unknown_name
 from mtvision.optim.aggregators.aligned import AlignedMTL
 from mtvision.optim.aggregators.base import Aggregator, EqualWeights, check_gramian, min_norm_weights
 from mtvision.optim.aggregators.cagrad import CAGrad
+from mtvision.optim.aggregators.fairgrad import FairGrad, fair_weights
 from mtvision.optim.aggregators.graddrop import graddrop
 from mtvision.optim.aggregators.imtl import IMTLG
 from mtvision.optim.aggregators.mgda import MGDA, UPGrad
 from mtvision.optim.aggregators.nash import NashMTL, nash_alpha
+from mtvision.optim.aggregators.ntkmtl import NTKMTL
 from mtvision.optim.aggregators.projection import GradVac, PCGrad
+from mtvision.optim.aggregators.sdmgrad import SDMGrad
 
 AGGREGATORS: dict[str, type[Aggregator]] = {
-    cls.name: cls for cls in (EqualWeights, MGDA, PCGrad, CAGrad, IMTLG, NashMTL, AlignedMTL, UPGrad, GradVac)
+    cls.name: cls
+    for cls in (EqualWeights, MGDA, PCGrad, CAGrad, IMTLG, NashMTL, AlignedMTL, UPGrad, GradVac, FairGrad, SDMGrad, NTKMTL)
 }
 
 
@@ -36,13 +40,17 @@ __all__ = [
     "AlignedMTL",
     "CAGrad",
     "EqualWeights",
+    "FairGrad",
     "GradVac",
     "IMTLG",
     "MGDA",
+    "NTKMTL",
     "NashMTL",
     "PCGrad",
+    "SDMGrad",
     "UPGrad",
     "check_gramian",
+    "fair_weights",
     "graddrop",
     "make_aggregator",
     "min_norm_weights",

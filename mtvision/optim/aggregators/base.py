@@ -115,6 +115,20 @@ class Aggregator:
     def _solve(self, k: np.ndarray, losses: np.ndarray | None) -> np.ndarray:
         raise NotImplementedError
 
+    def reuse(self, num_tasks: int) -> np.ndarray | None:
+        """The weights this call will apply without looking at the Gramian (a method that
+        recomputes its weights only every N calls, between two updates), or None when it needs K.
+
+        A caller that gets weights may skip the per-task gradients: it applies the weights to the
+        summed gradient Σ_t w_t g_t (one backward pass) and then calls `reused` with that
+        gradient's norm.  It does not change the state."""
+        return None
+
+    def reused(self, norm: float) -> float:
+        """Record a call that applied `reuse`'s weights, with ‖Σ_t w_t g_t‖ = `norm`; returns the
+        factor the caller must multiply those weights by (max-norm scaling)."""
+        raise NotImplementedError(f"{type(self).__name__} never reuses its weights")
+
     def state_dict(self) -> dict[str, Any]:
         """The checkpointable state (empty for stateless methods)."""
         return {}

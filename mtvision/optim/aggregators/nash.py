@@ -48,6 +48,10 @@ class NashMTL(Aggregator):
     `update_weights_every` calls and reused in between.  With max_norm > 0 the weights are scaled so
     ‖Σ α_t g_t‖ ≤ max_norm, as the official `clip_grad_norm_` does (factor max_norm/(‖d‖ + 1e-6)).
     `optim_niter` bounds the Newton iterations (the official code's outer iterations).
+    `update_weights_every` = N > 1 is the paper's cheaper variant (α solved every N steps, the
+    weighted loss Σ α_t L_t used in between): on the steps in between `reuse` offers α, so the
+    calibrator backpropagates Σ α_t L_t once instead of forming per-task gradients (the max-norm
+    factor then comes from that gradient's norm, `reused`).
     Deviations, where the bargaining problem has no solution: tasks with a zero gradient get weight 0;
     if 0 is still in the hull of the rest's unit gradients (tasks in direct conflict) the equation is
     solved for K + 1e-3·diag(K), a well-posed nearby problem.
@@ -100,6 +104,14 @@ class NashMTL(Aggregator):
             norm = np.sqrt(max(float(w @ k @ w), 0.0))
             w *= min(1.0, self.max_norm / (norm + 1e-6))
         return w
+
+    def reuse(self, num_tasks: int) -> np.ndarray | None:
+        fresh = self._alpha is None or len(self._alpha) != num_tasks or self._step % self.update_weights_every == 0
+        return None if fresh else self._alpha.copy()
+
+    def reused(self, norm: float) -> float:
+        self._step += 1
+        return min(1.0, self.max_norm / (norm + 1e-6)) if self.max_norm > 0 else 1.0
 
     def state_dict(self) -> dict[str, Any]:
         alpha = None if self._alpha is None else torch.from_numpy(self._alpha.copy())

@@ -1,19 +1,24 @@
-"""M3ViT: MoE-ified ViT equals the dense ViT at copy-initialisation, task pathways, aux loss, costs."""
+"""M3ViT as released: gate, PUP heads and training-time task-attention modules against hand-written
+formulas; the MoE-ified ViT against the dense ViT at copy-initialisation; task pathways, balancing
+loss, costs."""
 
 from __future__ import annotations
 
 import copy
 import inspect
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from mtvision.models import create_model
 from mtvision.models.backbones import create_backbone
 from mtvision.models.decoders.base import MOE_BALANCE
-from mtvision.models.decoders.m3vit import M3ViTDecoder
+from mtvision.models.decoders.m3vit import M3ViTDecoder, PUPHead, TaskAttentionModule
 from mtvision.models.m3vit_backbone import M3ViTBackbone, M3ViTError, MoEBlock, load_dense_weights, moeify_vit
+from mtvision.tasks import resolve_tasks
 from tests.models.learning import adam_steps
 
 TASKS3 = ("semseg", "depth", "normals")
@@ -27,7 +32,7 @@ def _dense():
 
 def _model(tasks=TASKS3, **options):
     torch.manual_seed(0)
-    options = {"num_experts": 4, "top_k": 2, "neck_channels": 16, "head_channels": 8, **options}
+    options = {"num_experts": 4, "top_k": 2, "head_channels": 8, **options}
     spec = {t: (5 if t == "semseg" else None) for t in tasks}
     return create_model(backbone=VIT, decoder="m3vit", tasks=spec, decoder_options=options)
 
@@ -39,6 +44,7 @@ def test_defaults_follow_the_released_m3vit_configuration():
     options = {k: v.default for k, v in inspect.signature(M3ViTDecoder).parameters.items()}
     assert (options["num_experts"], options["top_k"], options["expert_mlp_ratio"]) == (16, 4, 1.0)
     assert options["balance_weight"] == 1e-2 and options["capacity_factor"] is None
+    assert (options["gate"], options["gate_noise_std"], options["head_channels"], tuple(options["tam_levels"])) == ("release", 0.0, 256, (0, 1, 2))
     vit = copy.deepcopy(_dense().body.model)
     assert moeify_vit(vit, ["depth"], num_experts=4, top_k=2) == [1, 3, 5]  # every other block, from block 1
     assert [isinstance(b, MoEBlock) for b in vit.blocks] == [False, True] * 3
@@ -98,6 +104,99 @@ def test_dense_weights_load_into_experts_and_bad_shapes_are_named():
         load_dense_weights(backbone, bad)
 
 
+def test_release_gate_initialisation_and_values():
+    model = _model()
+    moe = model.decoder.backbone.moe_layers()[1]
+    assert (moe.gate_values, moe.noisy_gating, moe.fixed_noise_std, moe.unbiased_balance) == ("softmax_top_k", False, 0.0, True)
+    assert not list(moe.noise_weight)  # no trainable noise in the release's gate
+    gate = moe.gate_weight["depth"]  # nn.Linear's init over d x E: U(+-1/sqrt(E))
+    assert gate.abs().max() <= 1 / math.sqrt(4) and gate.std().item() == pytest.approx(0.5 / math.sqrt(3), rel=0.15)
+    bound = 1 / math.sqrt(moe.hidden * moe.dim)  # FastMoE's expert init over E x out x in: fan-in out * in
+    assert moe.w1.abs().max() <= bound and moe.w1.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    assert moe.b1.abs().sum() == 0 and moe.b2.abs().sum() == 0
+    # gate values: the top-k of a softmax over every expert, not renormalised
+    x = torch.randn(7, moe.dim)
+    idx, values, _ = moe._route(x, "depth")
+    probs = torch.softmax(x @ gate, dim=-1)
+    top = probs.topk(2, dim=-1)
+    torch.testing.assert_close(values, top.values)
+    assert torch.equal(idx, top.indices) and (values.sum(-1) < 1).all()
+    shazeer = _model(gate="shazeer").decoder.backbone.moe_layers()[1]
+    assert shazeer.noisy_gating and shazeer.gate_values == "top_k_softmax" and shazeer.gate_weight["depth"].abs().sum() == 0
+    with pytest.raises(KeyError, match="M3ViT gate"):
+        _model(gate="vmoe")
+
+
+def test_pup_head_formula():
+    torch.manual_seed(0)
+    head = PUPHead(6, 4, 3).eval()
+    for bn in head.norms:
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+    tokens = torch.randn(1, 6, 2, 3)
+    pred, levels = head(tokens)
+    x = F.layer_norm(tokens.permute(0, 2, 3, 1), (6,), head.norm.weight, head.norm.bias, eps=1e-6).permute(0, 3, 1, 2)
+    feats = []
+    for i in range(4):
+        conv, bn = head.convs[i], head.norms[i]
+        x = torch.relu(F.batch_norm(F.conv2d(x, conv.weight, conv.bias, padding=1), bn.running_mean, bn.running_var, bn.weight, bn.bias))
+        feats.append(x)
+        if i < 3:
+            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    expected = F.interpolate(F.conv2d(x, head.out.weight, head.out.bias), scale_factor=2, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(pred, expected)
+    assert pred.shape[-2:] == (32, 48)  # stride 16 tokens -> stride 1
+    for got, want in zip(levels, feats[1:]):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("tasks", [("semseg", "depth"), ("semseg", "parts", "saliency", "normals", "edge")])
+def test_task_attention_module_formula(tasks):
+    torch.manual_seed(0)
+    spec = resolve_tasks(list(tasks), {"semseg": 5, "parts": 7})
+    tam = TaskAttentionModule(spec, 4).eval()
+    for m in tam.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2)
+    feats = {t: torch.randn(1, 4, 8, 12) for t in tasks}
+
+    def cbn(seq, x, transposed=False):
+        conv, bn = seq[0], seq[1]
+        y = (F.conv_transpose2d(x, conv.weight, conv.bias, stride=2, padding=1, output_padding=1) if transposed
+             else F.conv2d(x, conv.weight, conv.bias, stride=conv.stride, padding=1))
+        return F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias)
+
+    z = torch.cat([feats[t] for t in tasks], 1)
+    b = torch.sigmoid(cbn(tam.balance, torch.relu(cbn(tam.mix, z))))
+    # the release's weightings: T = 2 -> [B, 1 - B]; T = 5 -> [B/2, B/2, (1-B)/3, (1-B)/3, (1-B)/3]
+    w = [b, 1 - b] if len(tasks) == 2 else [b / 2, b / 2, (1 - b) / 3, (1 - b) / 3, (1 - b) / 3]
+    m = torch.relu(cbn(tam.fuse, torch.cat([feats[t] * wt for t, wt in zip(tasks, w)], 1)))
+    m = torch.relu(cbn(tam.down[1], torch.relu(cbn(tam.down[0], m))))
+    m = torch.sigmoid(cbn(tam.up[1], torch.relu(cbn(tam.up[0], m, True)), True))
+    joint = torch.cat([feats[t] * (1 + m) for t in tasks], 1)
+    out = tam(feats)
+    for t in tasks:
+        want = F.conv2d(torch.relu(cbn(tam.refine[t], joint)), tam.predict[t].weight, tam.predict[t].bias)
+        torch.testing.assert_close(out[t], want, atol=1e-5, rtol=1e-5)
+
+
+def test_task_attention_predictions_only_in_training_with_every_task():
+    model = _model(tam_levels=[0, 2]).train()
+    x = torch.randn(2, 3, 64, 64)
+    deep = model(x).deep_supervision
+    assert set(deep) == set(TASKS3)
+    assert [tuple(d.shape[-2:]) for d in deep["depth"]] == [(8, 8), (32, 32)]  # levels 0 (stride 8) and 2 (stride 2)
+    assert model(x, tasks=["depth"]).deep_supervision == {}
+    assert _model(tam_levels=[]).train()(x).deep_supervision == {}
+    assert not list(_model(tasks=("depth",)).decoder.tam.parameters())  # one task: nothing to attend across
+    model.eval()
+    with torch.no_grad():
+        assert model(x).deep_supervision == {}
+    with pytest.raises(ValueError, match="tam_levels"):
+        _model(tam_levels=[3])
+
+
 def test_backbone_checks():
     with pytest.raises(M3ViTError, match="needs a plain timm ViT"):
         create_model(backbone="test_resnet", decoder="m3vit", tasks=["depth"])
@@ -132,63 +231,68 @@ def test_single_task_pathway_matches_all_tasks_and_costs_about_one_third():
 
 
 def test_training_outputs_carry_the_balancing_loss_of_every_moe_layer():
-    model = _model(balance_weight=0.5).train()
-    x = torch.randn(2, 3, 64, 64)
-    out = model(x)
-    aux = out.regularizers[MOE_BALANCE]
-    assert aux.ndim == 0 and aux.requires_grad and aux.item() > 0
-    # the same quantity, recomputed from the layers' own routing: per layer and per task pathway
-    assert sorted(model.decoder.backbone.moe_layers()) == [1, 3, 5]
-    aux.backward()
-    for moe in model.decoder.backbone.moe_layers().values():
-        for t in TASKS3:
-            assert moe.noise_weight[t].grad is not None and moe.noise_weight[t].grad.abs().sum() > 0
-    model.eval()
-    assert model(x).regularizers == {}
+    for gate, trained in (("release", "gate_weight"), ("shazeer", "noise_weight")):
+        model = _model(balance_weight=0.5, gate=gate).train()
+        x = torch.randn(2, 3, 64, 64)
+        out = model(x)
+        aux = out.regularizers[MOE_BALANCE]
+        assert aux.ndim == 0 and aux.requires_grad and aux.item() > 0
+        assert sorted(model.decoder.backbone.moe_layers()) == [1, 3, 5]
+        aux.backward()
+        for moe in model.decoder.backbone.moe_layers().values():
+            for t in TASKS3:
+                grad = getattr(moe, trained)[t].grad
+                assert grad is not None and grad.abs().sum() > 0, (gate, t)
+        model.eval()
+        assert model(x).regularizers == {}
 
 
-def test_balancing_loss_value_is_the_sum_over_layers_and_tasks():
-    model = _model(noisy_gating=False, balance_weight=1.0).train()
+def test_balancing_loss_is_the_releases_per_layer_and_task_sum():
+    """0.01 x sum over MoE layers and task gates of cv²(importance) + cv²(load), with the unbiased
+    variance, importance from the unrenormalised top-k probabilities and the hard load."""
+    model = _model().train()
     backbone = model.decoder.backbone
-    with torch.no_grad():
-        for moe in backbone.moe_layers().values():
-            for w in moe.gate_weight.values():
-                w.normal_()
     seen = []
     for moe in backbone.moe_layers().values():
         original = moe._route
 
         def spy(x, task, original=original, moe=moe):
-            idx, gates, aux = original(x, task)
-            full = torch.zeros(x.shape[0], moe.num_experts).scatter(1, idx, gates)
+            probs = torch.softmax(x.float() @ moe.gate_weight[task], dim=-1)
+            top = probs.topk(moe.top_k, dim=-1)
+            full = torch.zeros_like(probs).scatter(1, top.indices, top.values)
             imp, load = full.sum(0), (full > 0).float().sum(0)
-            cv2 = lambda v: v.var(unbiased=False) / v.mean() ** 2  # noqa: E731
-            seen.append((cv2(imp) + cv2(load)).item())
-            return idx, gates, aux
+            cv2 = lambda v: v.var(unbiased=True) / (v.mean() ** 2 + 1e-10)  # noqa: E731
+            seen.append(0.01 * (cv2(imp) + cv2(load)).item())
+            return original(x, task)
 
         moe._route = spy
     out = model(torch.randn(2, 3, 32, 32))
     assert len(seen) == 3 * 3  # 3 MoE layers x 3 task gates
-    assert out.regularizers[MOE_BALANCE].item() == pytest.approx(sum(seen), rel=1e-4)
+    assert out.regularizers[MOE_BALANCE].item() == pytest.approx(sum(seen), rel=1e-5)
 
 
 def test_shared_representation_and_parameter_partition():
-    model = _model()
-    output = model(torch.randn(2, 3, 32, 32))
-    out, (rep,) = output.predictions, output.shared
-    assert rep.shape == (2, 1 + 4, 64)  # class token + 2 x 2 patches entering block 1
-    for t in TASKS3:
-        (g,) = torch.autograd.grad(out[t].square().mean(), rep, retain_graph=True)
-        assert g.abs().sum() > 0, t
-    per_task = {t: {id(p) for p in model.task_parameters(t)} for t in TASKS3}
-    shared = {id(p) for p in model.shared_parameters()}
-    assert not shared & set().union(*per_task.values())
-    assert shared | set().union(*per_task.values()) == {id(p) for p in model.parameters()}
-    moe = model.decoder.backbone.moe_layers()[3]
-    assert id(moe.gate_weight["depth"]) in per_task["depth"] and id(moe.w1) in shared
-    model.zero_grad()
-    out["depth"].mean().backward()
-    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.task_parameters("semseg"))
+    for levels in ([], [0, 1]):
+        model = _model(tam_levels=levels).train()
+        output = model(torch.randn(2, 3, 32, 32))
+        out, (rep,) = output.predictions, output.shared
+        assert rep.shape == (2, 1 + 4, 64)  # class token + 2 x 2 patches entering block 1
+        for t in TASKS3:
+            (g,) = torch.autograd.grad(out[t].square().mean(), rep, retain_graph=True)
+            assert g.abs().sum() > 0, t
+        per_task = {t: {id(p) for p in model.task_parameters(t)} for t in TASKS3}
+        shared = {id(p) for p in model.shared_parameters()}
+        assert not shared & set().union(*per_task.values())
+        assert shared | set().union(*per_task.values()) == {id(p) for p in model.parameters()}
+        moe = model.decoder.backbone.moe_layers()[3]
+        assert id(moe.w1) in shared
+        pathway = {id(p) for p in model.decoder.heads["depth"].parameters()} | {id(moe.gate_weight["depth"])}
+        # with task attention, every task's TAM prediction reads every pathway: its gates and head are shared
+        assert pathway <= (shared if levels else per_task["depth"])
+        model.zero_grad()
+        loss = out["depth"].mean() + sum(d.mean() for d in output.deep_supervision.get("depth", []))
+        loss.backward()
+        assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.task_parameters("semseg"))
 
 
 def test_expert_usage_counts_every_routed_token_per_layer_and_task():
@@ -220,8 +324,7 @@ def test_task_embedding_routing_and_learning(synthetic_batch):
     start = embedding.detach().clone()
     first, last = adam_steps(model, total, steps=5)
     assert last < first * 0.95
-    # the zero-initialised gate passes no gradient to the embedding at first; once it has learned, it does
-    assert not torch.equal(embedding.detach(), start)
+    assert not torch.equal(embedding.detach(), start)  # the task embedding feeds the gate and learns
 
 
 def test_pretrained_folder_round_trip(tmp_path):

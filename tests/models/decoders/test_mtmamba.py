@@ -1,5 +1,7 @@
-"""SS2D and the cross-task SSM decoder (MTMamba / MTMamba++): scan geometry, cross-task mixing,
-task subsets, the model contract (shared representation, task parameters, deep supervision)."""
+"""The cross-task SSM decoder (MTMamba / MTMamba++): the releases' layers (joint LayerNorm of the
+cross-task blocks, heads, saliency's two logits, drop-path schedule), task subsets and order, the
+model contract (shared representation, task parameters, optional deep supervision).  SS2D is
+tested in tests/models/test_ss2d.py; parity with the releases' outputs in tests/convert."""
 
 from __future__ import annotations
 
@@ -11,9 +13,16 @@ from torch import nn
 from mtvision.engine.objective import compute_losses
 from mtvision.errors import MTVisionError
 from mtvision.models import create_model
-from mtvision.models.decoders.mtmamba import CrossTaskSSMDecoder, SSMDecoderError
-from mtvision.models.ssm.selective_scan import selective_scan_reference
-from mtvision.models.ssm.ss2d import SS2D, DirectionalScan, flatten_four_ways, merge_four_ways
+from mtvision.models.decoders.mtmamba import (
+    ConvHead,
+    CrossTaskSSMDecoder,
+    ExpandHead,
+    FeatureCTM,
+    SemanticCTM,
+    SSMDecoderError,
+    joint_layer_norm,
+    joint_linear,
+)
 from mtvision.tasks import resolve_tasks
 
 TASKS3 = ("semseg", "depth", "normals")
@@ -31,82 +40,10 @@ def _model(tasks=TASKS3, backbone="test_resnet", kwargs=None, **options):
     )
 
 
-# ---------------------------------------------------------------------- SS2D
-def test_four_way_flatten_orders_and_merge():
-    x = torch.arange(6.0).view(1, 1, 2, 3)
-    seqs = flatten_four_ways(x)[0, :, 0]
-    assert seqs[0].tolist() == [0, 1, 2, 3, 4, 5]  # row-major
-    assert seqs[1].tolist() == [0, 3, 1, 4, 2, 5]  # column-major
-    assert seqs[2].tolist() == [5, 4, 3, 2, 1, 0] and seqs[3].tolist() == [5, 2, 4, 1, 3, 0]
-    assert torch.equal(merge_four_ways(flatten_four_ways(x), 2, 3), 4 * x.flatten(2))
-
-
-def test_directional_scan_equals_four_reference_scans():
-    torch.manual_seed(0)
-    scan = DirectionalScan(d_inner=4, d_state=3, dt_rank=2).double()
-    x = torch.randn(2, 4, 3, 5, dtype=torch.float64)
-    seqs = flatten_four_ways(x)
-    proj = torch.einsum("bkdl,kcd->bkcl", seqs, scan.x_proj_weight)
-    ys = []
-    for k in range(4):
-        dt, B, C = proj[:, k].split([2, 3, 3], dim=1)
-        rows = slice(4 * k, 4 * k + 4)
-        ys.append(
-            selective_scan_reference(
-                seqs[:, k], scan.dt_proj_weight[k] @ dt, -torch.exp(scan.A_log[rows]), B, C, scan.D[rows],
-                delta_bias=scan.dt_proj_bias[k], delta_softplus=True,
-            )
-        )  # fmt: skip
-    expected = merge_four_ways(torch.stack(ys, 1), 3, 5)
-    assert torch.allclose(scan(x), expected, atol=1e-10)
-
-
-def test_scan_of_transposed_map_with_swapped_directions_is_transposed():
-    torch.manual_seed(0)
-    scan = DirectionalScan(d_inner=3, d_state=4, dt_rank=1).double()
-    swapped = DirectionalScan(d_inner=3, d_state=4, dt_rank=1).double()
-    order = [1, 0, 3, 2]  # row-major <-> column-major
-    with torch.no_grad():
-        for name in ("x_proj_weight", "dt_proj_weight", "dt_proj_bias"):
-            getattr(swapped, name).copy_(getattr(scan, name)[order])
-        for name in ("A_log", "D"):
-            getattr(swapped, name).copy_(getattr(scan, name).view(4, 3, -1)[order].reshape_as(getattr(scan, name)))
-    x = torch.randn(1, 3, 4, 6, dtype=torch.float64)
-    y = scan(x).view(1, 3, 4, 6)
-    y_t = swapped(x.transpose(2, 3)).view(1, 3, 6, 4)
-    assert torch.allclose(y_t, y.transpose(2, 3), atol=1e-10)
-
-
-def test_ss2d_mamba_initialisation_and_defaults():
-    block = SS2D(64)
-    assert block.d_inner == 128 and block.dt_rank == 4 and block.scan.d_state == 16
-    assert block.conv.kernel_size == (3, 3) and block.conv.groups == 128
-    a = torch.exp(block.scan.A_log)
-    assert torch.allclose(a, torch.arange(1, 17.0).expand_as(a))
-    dt = F.softplus(block.scan.dt_proj_bias)
-    assert dt.min() >= 1e-3 * 0.999 and dt.max() <= 0.1 * 1.001
-    assert torch.equal(block.scan.D, torch.ones(4 * 128))
-
-
-def test_cross_ss2d_reads_delta_b_c_from_the_source():
-    torch.manual_seed(0)
-    block = SS2D(8, d_state=4, cross=True).eval()
-    x, src = torch.randn(1, 5, 6, 8), torch.randn(1, 5, 6, 8)
-    y = block(x, src)
-    assert not torch.allclose(y, block(x, src + torch.randn_like(src)))
-    # the scanned input u is the task's own feature: its gradient reaches x and the source
-    x.requires_grad_(True)
-    src.requires_grad_(True)
-    gx, gs = torch.autograd.grad(block(x, src).sum(), [x, src])
-    assert gx.abs().sum() > 0 and gs.abs().sum() > 0
-    with pytest.raises(ValueError, match="source"):
-        block(x)
-
-
 # ---------------------------------------------------------------------- decoder
 @pytest.mark.parametrize("variant", ["mtmamba", "mtmamba++"])
 def test_outputs_and_deep_supervision_only_in_training(variant):
-    model = _model(variant=variant)
+    model = _model(variant=variant, deep_supervision=True)
     x = torch.randn(2, 3, 32, 64)
     model.train()
     output = model(x)
@@ -118,11 +55,12 @@ def test_outputs_and_deep_supervision_only_in_training(variant):
     model.eval()
     with torch.no_grad():
         assert model(x).deep_supervision == {}
-    assert _model(deep_supervision=False).train()(x).deep_supervision == {}
+    default = _model(variant=variant).train()  # the releases: no deep supervision, no aux heads
+    assert default.decoder.aux_heads is None and default(x).deep_supervision == {}
 
 
 def test_learns_with_aux_losses(synthetic_batch):
-    model = _model(channels=8).train()
+    model = _model(channels=8, deep_supervision=True).train()
     tasks = model.tasks
     images = synthetic_batch["image"][:2, :, :32, :64]
     batch = {t: synthetic_batch[t][:2, ..., :32, :64] for t in TASKS3}
@@ -198,7 +136,7 @@ def test_every_task_loss_reaches_the_shared_representation(variant, synthetic_ba
 
 @pytest.mark.parametrize("variant", ["mtmamba", "mtmamba++"])
 def test_task_parameters_affect_only_their_task(variant):
-    model = _model(variant=variant).train()
+    model = _model(variant=variant, deep_supervision=True).train()
     shared = {id(p) for p in model.shared_parameters()}
     per_task = {t: {id(p) for p in model.task_parameters(t)} for t in TASKS3}
     assert shared | set().union(*per_task.values()) == {id(p) for p in model.parameters()}
@@ -221,7 +159,7 @@ def test_single_task_model_owns_its_whole_decoder_branch():
 
 
 def test_sizes_not_divisible_by_the_stride_are_padded_and_cropped():
-    model = _model(variant="mtmamba++").eval()
+    model = _model(variant="mtmamba++", deep_supervision=True).eval()
     x = torch.randn(1, 3, 130, 150)
     with torch.no_grad():
         out = model(x).predictions
@@ -263,3 +201,116 @@ def test_unfit_backbone_strides_are_a_clear_error(strides, match):
     assert isinstance(info.value, MTVisionError) and isinstance(info.value, ValueError)
     with pytest.raises(SSMDecoderError, match="variant"):
         CrossTaskSSMDecoder(lambda: _FakeBackbone((4, 8)), tasks, variant="mamba", **TINY)
+
+
+# ---------------------------------------------------------------------- the releases' layers
+def test_joint_layer_norm_and_linear_over_the_concatenated_tasks():
+    torch.manual_seed(0)
+    norm = nn.LayerNorm(12)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.3)
+        norm.bias.normal_(0, 0.3)
+    parts = [torch.randn(2, 5, 4) * (1 + i) + i for i in range(3)]
+    x = torch.cat(parts, -1)
+    assert torch.allclose(joint_layer_norm(parts, norm, [0, 1, 2], 3), F.layer_norm(x, (12,), norm.weight, norm.bias))
+    # a subset: statistics over the selected tasks' 8 channels, their slices of the affine parameters
+    sub = torch.cat([parts[0], parts[2]], -1)
+    mean, var = sub.mean(-1, keepdim=True), sub.var(-1, unbiased=False, keepdim=True)
+    keep = [0, 1, 2, 3, 8, 9, 10, 11]
+    expected = (sub - mean) / torch.sqrt(var + 1e-5) * norm.weight[keep] + norm.bias[keep]
+    assert torch.allclose(joint_layer_norm([parts[0], parts[2]], norm, [0, 2], 3), expected, atol=1e-5)
+    weight, bias = torch.randn(6, 12), torch.randn(6)
+    assert torch.allclose(joint_linear(x, weight, bias, [0, 1, 2], 3), x @ weight.T + bias)
+    expected = 1.5 * (parts[0] @ weight[:, :4].T + parts[2] @ weight[:, 8:].T) + bias  # scaled by T / selected
+    assert torch.allclose(joint_linear(sub, weight, bias, [0, 2], 3), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("block_cls", [FeatureCTM, SemanticCTM])
+def test_cross_task_blocks_normalise_all_tasks_together(block_cls):
+    torch.manual_seed(0)
+    block = block_cls(["a", "b"], 8, dict(d_state=4)).eval()
+    assert block.shared_norm.normalized_shape == (16,) and block.shared_norm.eps == 1e-5
+    a, b = torch.randn(1, 4, 6, 8), torch.randn(1, 4, 6, 8)
+    with torch.no_grad():
+        out = block({"a": a, "b": b})
+        # with per-task norms, rescaling task a would not reach task b; the joint norm carries it over
+        rescaled = block({"a": 3 * a, "b": b})
+        # one affine change of every task's features leaves the jointly normalised input as it was
+        joint, _ = block._joint({"a": a, "b": b})
+        joint_affine, _ = block._joint({"a": 3 * a + 1, "b": 3 * b + 1})
+    assert not torch.allclose(out["b"], rescaled["b"], atol=1e-4)
+    assert torch.allclose(joint, joint_affine, atol=1e-4)
+
+
+def test_the_releases_layer_layout():
+    mtmamba = _model(drop_path=0.2)  # the default variant is MTMamba
+    assert mtmamba.decoder.variant == "mtmamba" and mtmamba.decoder.aux_heads is None
+    dec = mtmamba.decoder
+    for s, cross in enumerate(dec.cross):
+        width = dec.reduce["depth"][s].out_features
+        assert isinstance(cross, FeatureCTM)
+        assert cross.shared.in_proj.weight.shape == (2 * width, 3 * width) and cross.shared.out_proj is None
+        assert cross.gate["depth"].bias is None and cross.out_proj["depth"].bias is None
+        assert dec.expand["depth"][s].expand.bias is None and dec.reduce["depth"][s].bias is not None
+        assert all(b.mlp is None for b in dec.stm["depth"][s])
+    assert all(isinstance(h, ExpandHead) for h in dec.heads.values())
+    # stochastic depth: linspace(0.2, 0, 9) over (STM, STM, cross-task) of each of the three stages
+    rates = []
+    for s in range(3):
+        rates += [dec.stm["depth"][s][j].drop_path.drop_prob for j in (0, 1)]
+        rates.append(getattr(dec.cross[s].drop_path, "drop_prob", 0.0))
+    assert rates == pytest.approx(torch.linspace(0.2, 0, 9).tolist())
+    assert isinstance(dec.cross[-1].drop_path, nn.Identity)
+    plus = _model(variant="mtmamba++").decoder
+    for s, cross in enumerate(plus.cross):
+        width = plus.reduce["depth"][s].out_features
+        assert isinstance(cross, SemanticCTM)
+        assert cross.share_proj.weight.shape == (width, 3 * width) and cross.share_proj.bias is not None
+        assert cross.share_conv.kernel_size == (3, 3) and cross.share_conv.bias is not None
+        assert cross.op["depth"].cross
+    assert all(isinstance(h, ConvHead) for h in plus.heads.values())
+
+
+def test_mtmamba_head_expands_four_times_then_projects():
+    torch.manual_seed(0)
+    head = ExpandHead(8, 5).eval()
+    assert head.expand.expand.weight.shape == (128, 8) and head.expand.expand.bias is None
+    assert head.out.kernel_size == (1, 1) and head.out.bias is not None
+    x = torch.randn(1, 3, 4, 8)
+    with torch.no_grad():
+        y = head(x)
+        assert y.shape == (1, 5, 12, 16)
+        # output pixel (4i + p1, 4j + p2) reads channels [(4 p1 + p2) * 8, +8) of the expansion at (i, j)
+        i, j, p1, p2 = 2, 1, 3, 2
+        chunk = head.expand.expand(x[0, i, j])[(4 * p1 + p2) * 8 : (4 * p1 + p2 + 1) * 8]
+        expected = head.out.weight[:, :, 0, 0] @ head.expand.norm(chunk) + head.out.bias
+        assert torch.allclose(y[0, :, 4 * i + p1, 4 * j + p2], expected, atol=1e-5)
+
+
+def test_mtmamba_plus_head_is_conv_with_bias_norm_relu_and_1x1():
+    torch.manual_seed(0)
+    head = ConvHead(192, 3, 96)
+    conv, norm, relu = head.body
+    assert conv.kernel_size == (3, 3) and conv.bias is not None and isinstance(norm, nn.BatchNorm2d)
+    assert isinstance(relu, nn.ReLU) and head.out.kernel_size == (1, 1) and head.out.bias is not None
+    assert 0.019 < conv.weight.std().item() < 0.021  # trunc_normal_(std=0.02)
+    assert head.eval()(torch.randn(1, 4, 6, 192)).shape == (1, 3, 4, 6)  # at the last map's size
+
+
+@pytest.mark.parametrize("variant", ["mtmamba", "mtmamba++"])
+def test_saliency_head_has_the_releases_two_logits_and_returns_their_difference(variant):
+    model = _model(tasks=("semseg", "saliency"), variant=variant).eval()
+    head = model.decoder.heads["saliency"]
+    assert head.out.out_channels == 2
+    seen = []
+    head.register_forward_hook(lambda mod, inp, out: seen.append(out))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        pred = model(x).predictions["saliency"]
+    two = F.interpolate(seen[0], size=(32, 32), mode="bilinear", align_corners=False)
+    assert pred.shape == (1, 1, 32, 32)
+    assert torch.allclose(pred, two[:, 1:2] - two[:, 0:1], atol=1e-6)
+    # sigmoid of the difference = the release's softmax foreground probability
+    assert torch.allclose(torch.sigmoid(pred), two.softmax(1)[:, 1:2], atol=1e-6)
+    single = _model(tasks=("semseg", "saliency"), variant=variant, two_class_saliency=False)
+    assert single.decoder.heads["saliency"].out.out_channels == 1
