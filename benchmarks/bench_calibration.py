@@ -25,7 +25,10 @@ from mtvision.engine.objective import build_objective, compute_losses
 from mtvision.models.registry import create_model
 
 ALL_TASKS = ["semseg", "depth", "normals", "edge", "saliency"]
-METHODS = ["ew", "mgda", "pcgrad", "cagrad", "imtl_g", "nash_mtl", "aligned_mtl", "upgrad", "gradvac", "graddrop"]
+METHODS = ["ew", "mgda", "pcgrad", "cagrad", "imtl_g", "nash_mtl", "nash_mtl_every_10", "aligned_mtl", "upgrad", "gradvac",
+           "graddrop", "fairgrad", "sdmgrad", "ntkmtl", "db_mtl", "moco", "excess_mtl"]
+VARIANTS = {"nash_mtl_every_10": ("nash_mtl", {"update_weights_every": 10})}  # name -> (method, options)
+PARAMS_ONLY = ("db_mtl", "moco", "excess_mtl")  # gradient trackers: per-parameter state
 
 
 def make_batch(n: int, h: int, w: int, tasks: list[str]) -> dict[str, torch.Tensor]:
@@ -54,7 +57,11 @@ def main() -> None:
         variants = {"plain": build_objective(model, tasks)}
         for level in ("features", "params"):
             for m in args.methods:
-                variants[f"{m}@{level}"] = build_objective(model, tasks, calibration=m, level=level)
+                if level == "features" and m in PARAMS_ONLY:
+                    continue
+                method, options = VARIANTS.get(m, (m, {}))
+                variants[f"{m}@{level}"] = build_objective(model, tasks, calibration=method, level=level,
+                                                           calibration_options=options)
         times: dict[str, list[float]] = {k: [] for k in variants}
         order = list(variants)
         rng = random.Random(0)
@@ -72,11 +79,11 @@ def main() -> None:
                     times[name].append(time.perf_counter() - t0)
         base = statistics.median(times["plain"])
         print(f"\nT = {t} ({', '.join(tasks)}), ResNet-18 HPS, batch {args.batch}, {h}x{w}: plain EW step {base * 1000:.0f} ms")
-        print(f"{'method':<14}{'features':>10}{'params':>10}")
+        print(f"{'method':<20}{'features':>10}{'params':>10}")
         for m in args.methods:
-            f = statistics.median(times[f"{m}@features"]) / base
+            f = f"{statistics.median(times[f'{m}@features']) / base:>9.2f}x" if f"{m}@features" in times else f"{'—':>10}"
             p = statistics.median(times[f"{m}@params"]) / base
-            print(f"{m:<14}{f:>9.2f}x{p:>9.2f}x")
+            print(f"{m:<20}{f}{p:>9.2f}x")
 
 
 if __name__ == "__main__":

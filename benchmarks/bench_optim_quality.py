@@ -9,7 +9,9 @@ single-task references are HPS runs with one task on the same budget and seeds. 
 task's primary metric (mIoU, depth RMSE, normals mean angle, edge odsF) on the test split, against
 the mean over seeds of the single-task runs; positive is better (DESIGN.md's sign).  Runs that
 already finished are reused, so the script can be stopped and started again.  Prints a markdown
-table: mean ± sample standard deviation over the seeds.
+table: mean ± standard error over the seeds, the paired difference to EW on the same seeds (same
+initialisation and data order, so most of the seed noise cancels), the per-task metrics and the
+tasks left below their single-task run.
 """
 
 from __future__ import annotations
@@ -46,12 +48,22 @@ METHODS = {  # name -> overrides
     "IMTL-G": ["optim.calibration.method=imtl_g"],
     "Nash-MTL": ["optim.calibration.method=nash_mtl"],
     "Aligned-MTL": ["optim.calibration.method=aligned_mtl"],
+    "FairGrad": ["optim.calibration.method=fairgrad"],
+    "SDMGrad": ["optim.calibration.method=sdmgrad"],
+    "NTKMTL": ["optim.calibration.method=ntkmtl"],
+    "Nash-MTL (every 10)": ["optim.calibration.method=nash_mtl", "optim.calibration.options={update_weights_every: 10}"],
+    "STCH": ["optim.weighting.method=stch"],
+    "GO4Align": ["optim.weighting.method=go4align"],
+    "DB-MTL": ["optim.calibration.method=db_mtl", "optim.calibration.level=params"],
+    "MoCo": ["optim.calibration.method=moco", "optim.calibration.level=params"],
+    "ExcessMTL": ["optim.calibration.method=excess_mtl", "optim.calibration.level=params"],
 }
 
 DECODERS = {  # name -> overrides (same budget, EW, no calibration)
     "HPS": [],
     "cross-stitch": ["model.decoder=cross_stitch"],
     "PAD-Net": ["model.decoder=padnet"],
+    "MTI-Net": ["model.decoder=mtinet"],
     "InvPT (128 ch)": ["model.decoder=invpt", "model.decoder_options={task_channels: 128, prediction_channels: 32}"],
     "MMoE": ["model.decoder=mmoe", "model.decoder_options={num_experts: 8, expert_channels: 64}"],
     "TaskExpert": ["model.decoder=taskexpert"],
@@ -68,6 +80,9 @@ DECODERS = {  # name -> overrides (same budget, EW, no calibration)
     "HPS (ViT-Tiny)": [  # the same-backbone baseline of the ViT rows
         "model.backbone={name: vit_tiny_patch16_224, kwargs: {img_size: [96, 128], dynamic_img_size: true}}",
     ],
+    "DSMTL": ["model.decoder=dsmtl"],  # joint learning, learned gates (configs/synthetic/dsmtl_resnet18_128x160.yaml)
+    "DSMTL-IL": ["model.decoder=dsmtl", "model.decoder_options={strategy: individual}"],
+    "DSMTL-compact": ["model.decoder=dsmtl", "model.decoder_options={search: true}"],  # eval runs only the kept copies
 }
 
 
@@ -153,14 +168,27 @@ def main() -> None:
     higher = {t: get_task(t).new_meter().higher_is_better for t in TASKS}
     refs = {t: {primary[t]: statistics.mean(results[(f"single-{t}", s)][t][primary[t]] for s in args.seeds)} for t in TASKS}
     print("\nsingle-task references (mean over seeds): " + ", ".join(f"{t} {primary[t]} {refs[t][primary[t]]:.4g}" for t in TASKS))
-    header = f"| {'method' if args.suite == 'optim' else 'decoder'} | Δm% (mean ± sd) | " + " | ".join(f"{t} {primary[t]}" for t in TASKS) + " |"
-    print("\n" + header + "\n|" + "---|" * (len(TASKS) + 2))
+    header = (f"| {'method' if args.suite == 'optim' else 'decoder'} | Δm% (mean ± se) | Δm% − EW's, paired (mean ± se) | "
+              + " | ".join(f"{t} {primary[t]}" for t in TASKS) + " | tasks below single-task |")
+    print("\n" + header + "\n|" + "---|" * (len(TASKS) + 4))
+    n = len(args.seeds)
+    base = "EW" if "EW" in args.methods else None
+
+    def se(values: list[float]) -> float:
+        return statistics.stdev(values) / n**0.5 if n > 1 else float("nan")
+
+    def delta(method: str, seed: int) -> float:
+        return delta_m({t: results[(method, seed)][t] for t in TASKS}, refs, primary, higher)
+
     for method in args.methods:
         per_seed = [results[(method, s)] for s in args.seeds]
-        deltas = [delta_m({t: m[t] for t in TASKS}, refs, primary, higher) for m in per_seed]
-        sd = statistics.stdev(deltas) if len(deltas) > 1 else 0.0
+        deltas = [delta(method, s) for s in args.seeds]
+        paired = [delta(method, s) - delta(base, s) for s in args.seeds] if base else []
         cells = [f"{statistics.mean(m[t][primary[t]] for m in per_seed):.4g}" for t in TASKS]
-        print(f"| {method} | {statistics.mean(deltas):+.2f} ± {sd:.2f} | " + " | ".join(cells) + " |")
+        below = [t for t in TASKS if (statistics.mean(m[t][primary[t]] for m in per_seed) - refs[t][primary[t]]) * (1 if higher[t] else -1) < 0]
+        paired_cell = f"{statistics.mean(paired):+.2f} ± {se(paired):.2f}" if paired and method != base else "—"
+        print(f"| {method} | {statistics.mean(deltas):+.2f} ± {se(deltas):.2f} | {paired_cell} | " + " | ".join(cells)
+              + f" | {len(below)} ({', '.join(below) or 'none'}) |")
 
 
 if __name__ == "__main__":
