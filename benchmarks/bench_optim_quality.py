@@ -86,11 +86,31 @@ DECODERS = {  # name -> overrides (same budget, EW, no calibration)
 }
 
 
+RESCORED = "metrics_rescored.json"  # the test split scored again with today's metric code (--rescore)
+
+
+def rescore(run: Path) -> None:
+    """Score a finished run's model on its test split again with `mtv-eval` (today's metric code), into
+    RUN/metrics_rescored.json, which `test_metrics` then prefers: runs made while a metric changed
+    are then compared on one definition."""
+    if (run / RESCORED).is_file():
+        return
+    cmd = [sys.executable, "-m", "mtvision.cli.evaluate", str(run), "--split", "test", "--out", str(run / RESCORED),
+           "data.num_workers=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"mtv-eval of {run} failed: {proc.stderr.strip().splitlines()[-1:]}")
+
+
 def test_metrics(run: Path) -> dict[str, dict[str, float]] | None:
-    """The test-split metrics a finished run logged (None when it has not finished)."""
+    """The test-split metrics of a finished run (None when it has not finished): the rescored ones
+    when present, else those the run logged."""
     log = run / "metrics.jsonl"
     if not (run / "model" / "model.safetensors").is_file() or not log.is_file():
         return None
+    if (run / RESCORED).is_file():
+        return json.loads((run / RESCORED).read_text())["metrics"]
     out: dict[str, dict[str, float]] = {}
     for line in log.read_text().splitlines():
         for key, value in json.loads(line).items():
@@ -143,6 +163,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/optim_quality")
     parser.add_argument("--suite", choices=["optim", "decoders"], default="optim")
     parser.add_argument("--methods", nargs="+", default=None, help="names from the suite (default: all)")
+    parser.add_argument("--rescore", action="store_true",
+                        help="score every finished run's test split again with today's metric code (mtv-eval) first")
     args = parser.parse_args()
     suite = METHODS if args.suite == "optim" else DECODERS
     args.methods = args.methods or list(suite)
@@ -163,6 +185,10 @@ def main() -> None:
             jobs[(method, seed)] = ([*suite[method], f"train.seed={seed}"], root / f"{folder}-s{seed}")
     print(f"{len(jobs)} runs, {args.jobs} at a time, in {root}", flush=True)
     results = run_all({key: (ov, out, CONFIG) for key, (ov, out) in jobs.items()}, args.jobs)
+    if args.rescore:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(rescore, [out for _, out in jobs.values()]))
+        results = {key: test_metrics(out) for key, (_, out) in jobs.items()}
 
     primary = {t: get_task(t).primary_metric for t in TASKS}
     higher = {t: get_task(t).new_meter().higher_is_better for t in TASKS}

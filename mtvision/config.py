@@ -214,8 +214,12 @@ class OptimConfig:
         weight_decay: weight decay (decoupled for adamw).
         momentum: SGD momentum (sgd only).
         betas: Adam/AdamW (beta1, beta2).
-        schedule: "poly" ((1 - t)^poly_power), "cosine" or "constant", over the whole run.
+        schedule: "poly" ((1 - t)^poly_power), "cosine" or "constant", over the whole run; or "step":
+            the learning rate multiplied by `step_gamma` at the start of each epoch in `step_epochs`
+            (torch's StepLR / MultiStepLR stepped per epoch, as MTAN's NYUv2 recipe: [100], 0.5).
         poly_power: exponent of the poly schedule.
+        step_epochs: the epochs (0-based) at whose start the "step" schedule multiplies by step_gamma.
+        step_gamma: the "step" schedule's factor.
         warmup_iters: linear warmup length in optimizer steps (0: none).
         warmup_ratio: learning rate at the start of warmup, as a fraction of lr.
         min_lr: floor of the decayed learning rate.
@@ -234,8 +238,10 @@ class OptimConfig:
     weight_decay: float = 1e-2
     momentum: float = 0.9
     betas: tuple[float, float] = (0.9, 0.999)
-    schedule: Literal["poly", "cosine", "constant"] = "poly"
+    schedule: Literal["poly", "cosine", "constant", "step"] = "poly"
     poly_power: float = 0.9
+    step_epochs: list[int] = field(default_factory=list)
+    step_gamma: float = 0.1
     warmup_iters: int = 0
     warmup_ratio: float = 1e-3
     min_lr: float = 0.0
@@ -248,6 +254,9 @@ class OptimConfig:
     def validate(self) -> None:
         """Raise ConfigError on out-of-range values."""
         _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _check(self.schedule != "step" or bool(self.step_epochs), "optim.schedule: step needs optim.step_epochs (e.g. [100])")
+        _check(all(int(e) == e and e > 0 for e in self.step_epochs), f"optim.step_epochs must be positive integers, got {self.step_epochs}")
+        _check(0 < self.step_gamma, f"optim.step_gamma must be > 0, got {self.step_gamma}")
         _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         _check(0 <= self.momentum < 1, f"optim.momentum must be in [0, 1), got {self.momentum}")
         _check(all(0 <= b < 1 for b in self.betas), f"optim.betas must be in [0, 1), got {self.betas}")

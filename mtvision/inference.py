@@ -15,6 +15,10 @@ network input; no rescaling for resizes), normals H x W x 3 (unit), boundary and
 probabilities H x W (float32).  Large maps are resized and decoded in row strips, so that the full
 stack of logits at the photo's size is never held at once.
 
+Controllable models (decoder `controllable`): `budget` (GFLOPs per image at its network input size)
+and `preference` (task -> weight) pick the sub-network each forward runs, without retraining
+(`select_widths` shows the choice; `mtvision/search/controllable.py` is the search).
+
 Batching: a list of images is run in batches of images whose network inputs have the same size.  A
 batched result equals the single-image result up to float32 rounding (about 1e-6 relative), not
 bitwise: the convolution kernels (oneDNN on CPU, cuDNN on CUDA) choose a batch-size-dependent order
@@ -28,10 +32,10 @@ import contextlib
 import math
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -42,6 +46,9 @@ from mtvision.errors import MTVisionError
 from mtvision.models.config import PreprocessConfig
 from mtvision.models.heads import resize_to
 from mtvision.models.multitask import MultiTaskModel
+
+if TYPE_CHECKING:
+    from mtvision.search.controllable import WidthChoice, WidthFlops
 
 STRIP_ELEMENTS = 1 << 24
 """Maps larger than this many values (e.g. 40 class scores of a 12-megapixel photo) are resized and
@@ -260,6 +267,7 @@ class Predictor:
             self.model.to(memory_format=torch.channels_last)
         self.preprocess_config = model.config.preprocess
         self.max_size = _check_max_size(max_size)
+        self._width_tables: dict[tuple[int, int], WidthFlops] = {}  # controllable models: FLOPs per input size
 
     @property
     def tasks(self) -> list[str]:
@@ -276,13 +284,17 @@ class Predictor:
 
     # ------------------------------------------------------------------ numpy / PIL / paths
     def predict(
-        self, image: Any, tasks: Sequence[str] | None = None, max_size: int | None = None
+        self, image: Any, tasks: Sequence[str] | None = None, max_size: int | None = None, *,
+        budget: float | None = None, preference: Mapping[str, float] | None = None,
     ) -> dict[str, np.ndarray] | list[dict[str, np.ndarray]]:
         """Predict `tasks` (default all) for one image (-> dict) or a list of images (-> list of dicts).
 
         `image`: any input of the module docstring.  `max_size`: shrink images whose longer side is
-        larger to that side first (default: the predictor's `max_size`).
+        larger to that side first (default: the predictor's `max_size`).  `budget` (GFLOPs per image)
+        and `preference` (task -> weight): run the sub-network `select_widths` picks (controllable
+        models only).
         """
+        control = self._control(budget, preference)
         single = not isinstance(image, (list, tuple))
         images = [image] if single else list(image)
         if not images:
@@ -300,7 +312,9 @@ class Predictor:
         for members in groups.values():
             for start in range(0, len(members), self.batch_size):
                 chunk = members[start : start + self.batch_size]
-                outputs = self._forward(torch.stack([prepared[i].tensor for i in chunk]), names)
+                batch = torch.stack([prepared[i].tensor for i in chunk])
+                with self._widths(control, batch.shape[-2:]):
+                    outputs = self._forward(batch, names)
                 for j, i in enumerate(chunk):
                     maps = self._decode({t: o[j : j + 1] for t, o in outputs.items()}, prepared[i].valid, prepared[i].size)
                     results[i] = {t: _to_numpy(self.model.tasks[t].is_label_map, m[0]) for t, m in maps.items()}
@@ -308,7 +322,8 @@ class Predictor:
 
     # ------------------------------------------------------------------ tensors
     def predict_torch(
-        self, images: torch.Tensor, tasks: Sequence[str] | None = None, max_size: int | None = None
+        self, images: torch.Tensor, tasks: Sequence[str] | None = None, max_size: int | None = None, *,
+        budget: float | None = None, preference: Mapping[str, float] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Predict for a tensor of images (N x 3 x H x W, or 3 x H x W for one image; uint8 0..255 or
         float in [0, 1]; RGB) on the model's device, returning what each task's `decode` gives, at the
@@ -318,7 +333,9 @@ class Predictor:
         Resizing (`max_size`, letterbox and stretch modes) uses torch's interpolation (area, bilinear),
         so resized results can differ slightly from `predict`'s OpenCV resizing; without resizing
         (pad mode, images within `max_size`) they equal `predict`'s.
+        `budget` and `preference` as in `predict`.
         """
+        control = self._control(budget, preference)
         if not isinstance(images, torch.Tensor):
             raise ImageError(f"predict_torch takes a torch tensor, got {type(images).__name__}; use predict")
         single = images.ndim == 3
@@ -341,7 +358,8 @@ class Predictor:
         batch, valid = self._preprocess_torch(x, limit)
         chunks: list[dict[str, torch.Tensor]] = []
         for start in range(0, batch.shape[0], self.batch_size):
-            outputs = self._forward(batch[start : start + self.batch_size], names)
+            with self._widths(control, batch.shape[-2:]):
+                outputs = self._forward(batch[start : start + self.batch_size], names)
             chunks.append(self._decode(outputs, valid, size))
         result = {t: torch.cat([c[t] for c in chunks]) for t in names}
         return {t: v[0] for t, v in result.items()} if single else result
@@ -372,6 +390,44 @@ class Predictor:
         return x, valid
 
     # ------------------------------------------------------------------ shared
+    def select_widths(
+        self, budget: float | None = None, preference: Mapping[str, float] | None = None,
+        input_size: Sequence[int] | None = None,
+    ) -> WidthChoice:
+        """The sub-network of a controllable model for `budget` GFLOPs per image (None: no limit) and
+        a task `preference` (None: equal), for network inputs of `input_size` (H, W; default: the
+        preprocessing's `input_size`)."""
+        from mtvision.search.controllable import controllable_decoder, measure_widths, search_widths
+
+        controllable_decoder(self.model)
+        size = input_size if input_size is not None else self.preprocess_config.input_size
+        if size is None:
+            raise ValueError("select_widths needs input_size (H, W): this model's preprocessing has no fixed size")
+        key = (int(size[0]), int(size[1]))
+        if key not in self._width_tables:
+            self._width_tables[key] = measure_widths(self.model, key)
+        table = self._width_tables[key]
+        flops = table.flops(table.widest()) if budget is None else _check_budget(budget) * 1e9
+        return search_widths(table, flops, preference)
+
+    def _control(self, budget: float | None, preference: Mapping[str, float] | None) -> tuple | None:
+        """(budget, preference) checked before any work, or None when neither is given."""
+        if budget is None and preference is None:
+            return None
+        from mtvision.search.controllable import controllable_decoder, normalise_preference
+
+        controllable_decoder(self.model)
+        normalise_preference(preference, self.tasks)
+        return (None if budget is None else _check_budget(budget), preference)
+
+    def _widths(self, control: tuple | None, size: Sequence[int]) -> contextlib.AbstractContextManager:
+        """The sub-network context for network inputs of `size` (a null context without constraints)."""
+        if control is None:
+            return contextlib.nullcontext()
+        from mtvision.models.decoders.controllable import use_config
+
+        return use_config(self.select_widths(*control, input_size=size).config)
+
     def _forward(self, batch: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
         batch = batch.to(self.device, non_blocking=True)
         if self.channels_last:
@@ -400,6 +456,16 @@ def _to_numpy(is_label_map: bool, decoded: torch.Tensor) -> np.ndarray:
     if array.shape[0] == 1:
         return np.ascontiguousarray(array[0], dtype=np.float32)
     return np.ascontiguousarray(array.transpose(1, 2, 0), dtype=np.float32)
+
+
+def _check_budget(budget: float) -> float:
+    from mtvision.search.controllable import WidthBudgetError
+
+    if isinstance(budget, bool) or not isinstance(budget, (int, float, np.integer, np.floating)) or not (
+        math.isfinite(budget) and budget > 0
+    ):
+        raise WidthBudgetError(f"budget must be a positive number of GFLOPs per image, got {budget!r}")
+    return float(budget)
 
 
 def _check_max_size(max_size: int | None) -> int | None:

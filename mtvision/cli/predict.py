@@ -15,10 +15,12 @@ EXAMPLES = """examples:
   mtv-predict --model runs/nyud_hps/model --input photo.jpg --out predictions --panel
   mtv-predict --model hf-hub:org/name --input photos/ --out predictions --max-size 1024 --npy
   mtv-predict --model runs/nyud_hps/model --input photo.jpg --out predictions --tasks depth --no-key
+  mtv-predict --model runs/synthetic_controllable/model --input photo.jpg --out predictions --budget 2.5 --preference semseg=2 depth=1
 
 For each image <name> and task <task> it writes <name>_<task>.png (the map with its key: class legend,
 depth colour bar in metres, normals colour sphere, 0..1 heat scale), with --panel <name>_panel.png
-(the image and every task in one row) and with --npy <name>_<task>.npy (the decoded map)."""
+(the image and every task in one row) and with --npy <name>_<task>.npy (the decoded map).
+--budget and --preference (controllable models) pick the sub-network to run, without retraining."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--budget", type=float, default=None, metavar="GFLOPS",
+                        help="controllable models: compute budget in GFLOPs per image (at its network input size)")
+    parser.add_argument("--preference", nargs="+", default=None, metavar="TASK=W",
+                        help="controllable models: task preference weights, e.g. semseg=2 depth=1 (unnamed tasks: 0)")
     return parser
 
 
@@ -64,7 +70,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_size is not None and args.max_size < 1:
         print("mtv-predict: --max-size must be >= 1", file=sys.stderr)
         return USAGE
+    try:
+        args.preference = parse_preference(args.preference)
+    except ValueError as exc:
+        print(f"mtv-predict: {exc}", file=sys.stderr)
+        return USAGE
     return run_command("mtv-predict", lambda: _run(args, images))
+
+
+def parse_preference(items: list[str] | None) -> dict[str, float] | None:
+    """`["semseg=2", "depth=1"]` -> {"semseg": 2.0, "depth": 1.0} (ValueError for a malformed item)."""
+    if items is None:
+        return None
+    out: dict[str, float] = {}
+    for item in items:
+        task, sep, value = item.partition("=")
+        try:
+            if not sep or not task:
+                raise ValueError
+            out[task] = float(value)
+        except ValueError:
+            raise ValueError(f"--preference {item!r} must look like task=weight (e.g. semseg=2)") from None
+    return out
 
 
 def _run(args: argparse.Namespace, paths: list[Path]) -> None:
@@ -82,6 +109,14 @@ def _run(args: argparse.Namespace, paths: list[Path]) -> None:
         tasks = predictor.model.select_tasks(args.tasks)
     except UnknownNameError as exc:  # a usage error: exit 2
         raise ImageError(str(exc)) from None
+    control = {"budget": args.budget, "preference": args.preference}
+    if args.budget is not None or args.preference is not None:
+        from mtvision.inference import preprocess
+
+        size = preprocess(as_rgb(paths[0]), predictor.preprocess_config, args.max_size).tensor.shape[-2:]
+        choice = predictor.select_widths(args.budget, args.preference, size)
+        print(f"mtv-predict: sub-network {choice.config.describe()} ({choice.flops / 1e9:.3g} GFLOPs at "
+              f"{size[0]}x{size[1]})", file=sys.stderr)
     colorize = {t: predictor.model.tasks[t].colorize for t in tasks}
     names = predictor.class_names
     args.out.mkdir(parents=True, exist_ok=True)
@@ -91,7 +126,7 @@ def _run(args: argparse.Namespace, paths: list[Path]) -> None:
         for start in range(0, len(paths), args.batch_size):
             chunk = paths[start : start + args.batch_size]
             pictures = [as_rgb(p, start + i if len(paths) > 1 else None) for i, p in enumerate(chunk)]
-            for path, image, result in zip(chunk, pictures, predictor.predict(pictures, tasks=tasks)):
+            for path, image, result in zip(chunk, pictures, predictor.predict(pictures, tasks=tasks, **control)):
                 stem = out_names[path]
                 for t in tasks:
                     rgb = visualize.picture(colorize[t], result[t], prediction=True, class_names=names.get(t),

@@ -11,6 +11,10 @@ Decoding: segmentation stored 0 -> 255 (ignore), v -> v - 1; depth in metres as 
 normals PNG 2 v / 255 - 1 per channel (RGB = xyz), with all-zero stored pixels -> zero vector
 (invalid; the ATRC/InvPT release marks no invalid normals, so in practice every pixel is valid there);
 normals NPY as stored; edge PNG v / 255, edge NPY as stored.
+
+Camera: meta["intrinsics"] is the NYU Kinect RGB camera (`mtvision.data.camera.NYUD_KINECT`, 480 x 640)
+for 480 x 640 images and its rows 45:470, columns 40:600 crop for 425 x 560 images; images of
+other sizes carry none.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from mtvision.data.base import MultiTaskDataset, RawTransform
+from mtvision.data.camera import nyud_intrinsics
 from mtvision.data.io import (
     PathLike,
     check_finite,
@@ -33,6 +38,7 @@ from mtvision.data.io import (
     read_npy,
     read_split,
 )
+from mtvision.data.nyuv2_13 import is_nyuv2_13_root
 from mtvision.errors import DatasetError
 from mtvision.tasks import IGNORE_INDEX
 
@@ -104,6 +110,9 @@ class NYUDv2(MultiTaskDataset):
         super().__init__(tasks, transform)
         self.root = open_root(root, split, SPLITS, "NYUD")
         self.split = split
+        if is_nyuv2_13_root(self.root) and not (self.root / "gt_sets").is_dir():
+            raise DatasetError(f"NYUD root {self.root} holds MTAN's preprocessed NYUv2-13 ({{train,val}}/image/<i>.npy, "
+                               "13 classes), not an NYUD-v2 release: use data.dataset: nyuv2_13")
         self.ids = read_split(self.root / "gt_sets" / f"{split}.txt")
         self.release = detect_release(self.root, self.ids[0])
         for sample_id in self.ids:
@@ -135,6 +144,9 @@ class NYUDv2(MultiTaskDataset):
             check_size(path, value, size, f"NYUD {task} map")
             raw[task] = value
         raw["meta"] = {"id": sample_id, "size": (int(size[0]), int(size[1]))}
+        intrinsics = nyud_intrinsics(size)
+        if intrinsics is not None:  # the Kinect camera, for the releases' image sizes
+            raw["meta"]["intrinsics"] = intrinsics
         return raw
 
     def _load_semseg(self, path: Path) -> np.ndarray:

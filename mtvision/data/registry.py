@@ -11,6 +11,7 @@ from typing import Any
 
 from mtvision.data.base import MultiTaskDataset
 from mtvision.data.nyud import NYUDv2
+from mtvision.data.nyuv2_13 import NYUv2MTAN
 from mtvision.data.pascal import PascalContext
 from mtvision.data.synthetic import SyntheticScenes
 from mtvision.errors import unknown_name
@@ -18,6 +19,7 @@ from mtvision.errors import unknown_name
 DATASETS: dict[str, type[MultiTaskDataset]] = {
     "synthetic": SyntheticScenes,
     "nyud": NYUDv2,
+    "nyuv2_13": NYUv2MTAN,
     "pascal": PascalContext,
 }
 

@@ -7,7 +7,8 @@ A *raw* sample is what a dataset reads from disk, before any transform:
     normals:  float32 H x W x 3 unit vectors, zero vector = invalid
     edge:     float32 H x W in {0, 1}, 255 = ignore
     saliency: float32 H x W in {0, 1}
-    meta:     {"id": str, "size": (H, W)}
+    meta:     {"id": str, "size": (H, W)}, plus "intrinsics" where the dataset knows its camera:
+              the 3 x 3 pinhole matrix K of this image in pixels (see `mtvision/data/camera.py`)
 `to_sample` turns it into the tensor sample (image normalised 3 x H x W, label maps
 int64 H x W, dense maps float32 C x H x W).
 """
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mtvision.data.camera import INTRINSICS_KEY, check_intrinsics
 from mtvision.errors import DatasetError
 from mtvision.tasks import get_task
 
@@ -34,6 +36,9 @@ def validate_raw(raw: Mapping[str, Any], source: str = "sample") -> None:
         shape = getattr(image, "shape", None)
         raise DatasetError(f"{source}: image must be an H x W x 3 array, got shape {shape}")
     size = image.shape[:2]
+    meta = raw.get("meta")
+    if isinstance(meta, Mapping) and INTRINSICS_KEY in meta:
+        check_intrinsics(meta[INTRINSICS_KEY], source)
     for name, value in raw.items():
         if name in ("image", "meta"):
             continue

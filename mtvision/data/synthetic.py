@@ -11,7 +11,8 @@ the pixels painted in their surface's accent colour, a random pattern per instan
 nothing about class or geometry.
 
 Conventions: world z is up; the camera frame is OpenCV's (x right, y down, z forward); normals
-face the camera; depth is the z coordinate in the camera frame (like a Kinect depth map).
+face the camera; depth is the z coordinate in the camera frame (like a Kinect depth map).  Each sample's
+meta["intrinsics"] is the exact camera matrix the rays were cast with.
 Each sample is a pure function of (seed, index) and of the resolution.
 """
 
@@ -26,6 +27,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from mtvision.data.base import MultiTaskDataset, RawTransform
+from mtvision.data.camera import intrinsics_matrix
 
 CLASS_NAMES: tuple[str, ...] = (
     "floor",
@@ -527,7 +529,7 @@ def generate(seed: int, index: int, height: int = 128, width: int = 160) -> dict
         "edge": boundaries(view.depth, view.normals_cam, view.instance),
         "saliency": _SALIENT[view.semseg],
         "texture": view.accent.astype(np.uint8),
-        "meta": {"id": f"{seed:04d}_{index:06d}", "size": (height, width)},
+        "meta": {"id": f"{seed:04d}_{index:06d}", "size": (height, width), "intrinsics": intrinsics_matrix(cam.fx, cam.fy, cam.cx, cam.cy)},
     }
 
 

@@ -6,7 +6,9 @@ comes from the `Task` records: `pad_value` fills padding, `flip_fn` fixes a targ
 horizontal flip (normals: x negated) and `scale_fn` after a random zoom (depth divided by the
 factor).  Targets are resized with centre-aligned nearest neighbour, so label values and invalid
 markers (255, 0 depth, zero normals) are never blended; the image is resized bilinearly on the same
-pixel grid, so every target pixel keeps the source pixel that the image pixel shows.
+pixel grid, so every target pixel keeps the source pixel that the image pixel shows.  A sample's
+camera intrinsics (`meta["intrinsics"]`) follow every crop, pad, resize, flip and rotation (see
+`mtvision/data/camera.py`).
 
 Random transforms take `seed` (an int, a `np.random.Generator`, or None for fresh entropy).  In a
 DataLoader worker each transform re-derives its generator once from its own state and the worker's
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 
 from mtvision.cv import cv2
+from mtvision.data import camera
 from mtvision.data.sample import IMAGENET_MEAN, IMAGENET_STD, to_sample
 from mtvision.errors import DatasetError, unknown_name
 from mtvision.tasks import IGNORE_INDEX, TASKS, Task
@@ -131,7 +134,7 @@ def resize(raw: RawSample, height: int, width: int) -> RawSample:
     out: RawSample = {"image": cv2.resize(np.ascontiguousarray(image), (width, height), interpolation=cv2.INTER_LINEAR)}
     for name, _, value in targets:
         out[name] = value[ys, xs]
-    out["meta"] = _meta(raw)
+    out["meta"] = camera.with_intrinsics(_meta(raw), lambda K: camera.resize_intrinsics(K, image.shape[:2], (height, width)))
     return out
 
 
@@ -169,7 +172,7 @@ def crop_window(raw: RawSample, top: int, left: int, height: int, width: int, im
     result: RawSample = {"image": window(image, fill)}
     for name, task, value in _targets(raw, "crop_window"):
         result[name] = window(value, task.pad_value)
-    result["meta"] = _meta(raw)
+    result["meta"] = camera.with_intrinsics(_meta(raw), lambda K: camera.crop_intrinsics(K, top, left))
     return result
 
 
@@ -213,7 +216,7 @@ def rotate(raw: RawSample, degrees: float, image_fill: ImageFill = 0) -> RawSamp
         warped = fixed[sy, sx]
         warped[~inside] = np.asarray(task.pad_value).astype(value.dtype)
         out[name] = warped
-    out["meta"] = _meta(raw)
+    out["meta"] = camera.with_intrinsics(_meta(raw), lambda K: camera.rotate_intrinsics(K, matrix))
     return out
 
 
@@ -223,7 +226,7 @@ def hflip(raw: RawSample) -> RawSample:
     for name, task, value in _targets(raw, "hflip"):
         flipped = np.ascontiguousarray(value[:, ::-1])
         out[name] = task.flip_fn(flipped) if task.flip_fn is not None else flipped
-    out["meta"] = _meta(raw)
+    out["meta"] = camera.with_intrinsics(_meta(raw), lambda K: camera.hflip_intrinsics(K, out["image"].shape[1]))
     return out
 
 

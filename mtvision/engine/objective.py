@@ -51,8 +51,10 @@ import torch
 from torch import Tensor, nn
 
 from mtvision import distributed as dist
+from mtvision.data.camera import batch_intrinsics
 from mtvision.engine.evaluator import autocast_context
 from mtvision.models.decoders.base import ModelOutput
+from mtvision.models.regularizer3d.model import missing_intrinsics
 from mtvision.optim.calibrator import make_calibration_method
 from mtvision.optim.factory import Calibrator, make_calibrator
 from mtvision.optim.gradients import (
@@ -197,14 +199,14 @@ class MultiTaskObjective:
         total_sum, kept, images = None, [], 0
         scaler = self.scaler if self.scaler is not None and self.scaler.is_enabled() else None
         inputs = [self._inputs(batch) for batch in batches]
-        counts = step_counts(self.tasks, [targets for _, targets in inputs])
-        for i, (x, targets) in enumerate(inputs):
+        counts = step_counts(self.tasks, [targets for _, targets, _ in inputs])
+        for i, (x, targets, camera) in enumerate(inputs):
             last = i == len(batches) - 1
             sync = not ddp or (not self.manual_sync and last)
             with (contextlib.nullcontext() if sync else model.no_sync()), autocast_context(self.device, self.amp):
-                output = model(x)
+                output = model(x, **camera)
             losses = compute_losses(output.predictions, targets, self.tasks, output.deep_supervision, counts=counts)
-            recompute = self._recompute(x, targets, counts) if self.needs_recompute else None
+            recompute = self._recompute(x, targets, counts, camera) if self.needs_recompute else None
             total = self.backward(losses, output, step, scale=1.0 / len(batches), scaler=scaler, recompute=recompute)
             total_sum = total if total_sum is None else total_sum + total
             for kind, values in (("losses", losses), ("regularizers", output.regularizers), ("stats", output.stats)):
@@ -212,7 +214,7 @@ class MultiTaskObjective:
                     v = v.detach().float() / len(batches)
                     sums[kind][k] = v if k not in sums[kind] else sums[kind][k] + v
             if self.weighting.needs_losses_after_step:
-                kept.append((x, targets))
+                kept.append((x, targets, camera))
             images += x.shape[0]
         nonfinite, stop, present = self._agree(total_sum, stop)
         stepped = not nonfinite
@@ -228,18 +230,27 @@ class MultiTaskObjective:
             self.epoch = epochs[-1]
         return StepRecord(sums["losses"], sums["regularizers"], sums["stats"], stepped, nonfinite, stop, images)
 
-    def _inputs(self, batch: Mapping[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+    def _inputs(self, batch: Mapping[str, Any]) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+        """(images, targets, camera): camera holds the keyword `intrinsics` (N x 3 x 3, from the
+        samples' meta) for a model that needs them (`needs_intrinsics`: the 3D-aware regulariser)."""
         x = batch["image"].to(self.device, non_blocking=True)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return x, {t: batch[t].to(self.device, non_blocking=True) for t in self.tasks}
+        camera: dict[str, Tensor] = {}
+        if getattr(self.core, "needs_intrinsics", False):
+            intrinsics = batch_intrinsics(batch.get("meta"))
+            if intrinsics is None:
+                raise missing_intrinsics("training batch")
+            camera["intrinsics"] = intrinsics.to(self.device, non_blocking=True)
+        return x, {t: batch[t].to(self.device, non_blocking=True) for t in self.tasks}, camera
 
-    def _recompute(self, images: Tensor, targets: Mapping[str, Tensor], counts: Mapping[str, Tensor]) -> Callable[[str], Tensor]:
+    def _recompute(self, images: Tensor, targets: Mapping[str, Tensor], counts: Mapping[str, Tensor],
+                   camera: Mapping[str, Tensor]) -> Callable[[str], Tensor]:
         """recompute(task): `task`'s loss from a fresh forward of this micro-batch that runs only its path."""
 
         def recompute(task: str) -> Tensor:
             with autocast_context(self.device, self.amp):
-                out = self.core(images, tasks=[task])
+                out = self.core(images, tasks=[task], **camera)
             return compute_losses(out.predictions, targets, {task: self.tasks[task]}, out.deep_supervision, counts=counts)[task]
 
         return recompute
@@ -274,14 +285,14 @@ class MultiTaskObjective:
         return scaler.get_scale() >= scale_before  # a lowered scale: GradScaler skipped the step
 
     @torch.no_grad()
-    def _losses_after(self, kept: Sequence[tuple[Tensor, Mapping[str, Tensor]]]) -> dict[str, Tensor]:
+    def _losses_after(self, kept: Sequence[tuple[Tensor, Mapping[str, Tensor], Mapping[str, Tensor]]]) -> dict[str, Tensor]:
         """The step's per-task losses from the updated model (train mode, as FAMO's code does),
         averaged over its micro-batches."""
         sums: dict[str, Tensor] = {}
-        counts = step_counts(self.tasks, [targets for _, targets in kept])
-        for images, targets in kept:
+        counts = step_counts(self.tasks, [targets for _, targets, _ in kept])
+        for images, targets, camera in kept:
             with autocast_context(self.device, self.amp):
-                out = self.core(images)
+                out = self.core(images, **camera)
             for t, v in compute_losses(out.predictions, targets, self.tasks, counts=counts).items():
                 sums[t] = sums.get(t, 0.0) + v.float() / len(kept)
         return sums

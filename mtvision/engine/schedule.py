@@ -1,12 +1,12 @@
-"""Learning-rate schedules with linear warm-up: poly, cosine and constant, as plain functions of the
-step (`schedule(step)` is the factor on each group's peak learning rate)."""
+"""Learning-rate schedules with linear warm-up: poly, cosine, constant and step, as plain functions of
+the step (`schedule(step)` is the factor on each group's peak learning rate)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-SCHEDULES = ("poly", "cosine", "constant")
+SCHEDULES = ("poly", "cosine", "constant", "step")
 
 
 @dataclass
@@ -15,8 +15,9 @@ class WarmupSchedule:
 
     Warm-up rises linearly from `warmup_ratio` to 1 over `warmup_iters` steps.  After it, poly
     decays as (1 - p)^power and cosine as (1 + cos(pi p)) / 2, where p is the fraction of the
-    post-warm-up steps done; both end at `min_ratio` (min_lr / lr).  Nothing to checkpoint: a
-    resumed run recomputes the factor from the step.
+    post-warm-up steps done; both end at `min_ratio` (min_lr / lr).  Step multiplies by `gamma` at
+    each of the `milestones` (optimizer steps) reached: gamma ** #{m <= step}.  Nothing to
+    checkpoint: a resumed run recomputes the factor from the step.
     """
 
     total_steps: int
@@ -25,6 +26,8 @@ class WarmupSchedule:
     warmup_ratio: float = 1e-6
     power: float = 0.9
     min_ratio: float = 0.0
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -39,6 +42,8 @@ class WarmupSchedule:
             return self.warmup_ratio + (1.0 - self.warmup_ratio) * step / self.warmup_iters
         if self.schedule == "constant":
             return 1.0
+        if self.schedule == "step":
+            return self.gamma ** sum(step >= m for m in self.milestones)
         decay_steps = max(self.total_steps - self.warmup_iters, 1)
         progress = min((step - self.warmup_iters) / decay_steps, 1.0)
         if self.schedule == "poly":

@@ -24,6 +24,7 @@ from torch import nn
 from mtvision import distributed as dist
 from mtvision import visualize
 from mtvision.config import ExperimentConfig, OptimConfig, config_to_dict, save_config
+from mtvision.engine.benchmark import LastEpochsReport
 from mtvision.engine.checkpoint import CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state
 from mtvision.engine.data import RunData, build_run_data
 from mtvision.engine.evaluator import evaluate, predict_panels
@@ -57,6 +58,7 @@ class TrainResult:
     best_step: int | None = None
     pretrained_dir: Path | None = None
     skipped_steps: int = 0
+    benchmark: dict[str, Any] = field(default_factory=dict)  # a benchmark's last-epochs report
 
 
 # ---------------------------------------------------------------------------------------- set-up
@@ -96,13 +98,14 @@ def base_learning_rates(optimizer: torch.optim.Optimizer, cfg: ExperimentConfig)
     return [o.lr, o.lr] + [o.weighting.lr or o.lr] * (len(optimizer.param_groups) - 2)
 
 
-def make_schedule(o: OptimConfig, steps: int) -> WarmupSchedule:
+def make_schedule(o: OptimConfig, steps: int, steps_per_epoch: int = 1) -> WarmupSchedule:
     """The LR factor schedule of a run of `steps` optimizer steps: `schedule(step)` (a warm-up
-    longer than the run is cut to the run, with a warning)."""
+    longer than the run is cut to the run, with a warning; the step schedule's epochs become steps)."""
     if o.warmup_iters > steps:
         warnings.warn(f"optim.warmup_iters={o.warmup_iters} is longer than the run ({steps} steps): the warm-up "
                       f"is cut to {steps} steps, so the peak learning rate is reached only at the end", stacklevel=2)
-    return WarmupSchedule(steps, o.schedule, min(o.warmup_iters, steps), o.warmup_ratio, o.poly_power, o.min_lr / o.lr)
+    return WarmupSchedule(steps, o.schedule, min(o.warmup_iters, steps), o.warmup_ratio, o.poly_power, o.min_lr / o.lr,
+                          tuple(int(e) * steps_per_epoch for e in o.step_epochs), o.step_gamma)
 
 
 def total_steps(cfg: ExperimentConfig, batches_per_epoch: int) -> tuple[int, int]:
@@ -170,6 +173,7 @@ class Run:
     epoch: int = 0
     skipped: int = 0
     val_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    last_epochs: LastEpochsReport | None = None
 
     def checkpoint_state(self) -> dict[str, Any]:
         """The training state of this step (every rank joins the gathers)."""
@@ -188,6 +192,7 @@ class Run:
             "skipped_steps": self.skipped,
             "config": config_to_dict(self.cfg),
             "metrics": self.val_metrics,
+            "last_epochs": self.last_epochs.state_dict() if self.last_epochs is not None else None,
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -199,6 +204,8 @@ class Run:
         self.selector.load_state_dict(state["selection"])
         self.step, self.epoch, self.skipped = state["step"], state["epoch"], state["skipped_steps"]
         self.val_metrics = state.get("metrics") or {}
+        if self.last_epochs is not None and state.get("last_epochs"):
+            self.last_epochs.load_state_dict(state["last_epochs"])
         saved_world, info = len(state["sampler"]), self.info
         # the sampler re-divides what was consumed when the number of processes changed
         self.data.sampler.load_state_dict(state["sampler"][info.rank if info.rank < saved_world else 0])
@@ -300,9 +307,10 @@ def setup_run(
         model = nn.parallel.DistributedDataParallel(core, device_ids=[dev.index] if dev.type == "cuda" else None)
     if tc.compile:
         model = torch.compile(model)
-    run = Run(cfg, info, out, data, core, model, objective, optimizer, scaler, make_schedule(o, steps),
+    run = Run(cfg, info, out, data, core, model, objective, optimizer, scaler, make_schedule(o, steps, steps_per_epoch),
               base_learning_rates(optimizer, cfg), Selector(tc.select_metric, core.tasks, references=references),
               ckpts, LoggerGroup(), steps, steps_per_epoch)
+    run.last_epochs = LastEpochsReport.for_run(data.meter_info, core.tasks, steps, steps_per_epoch)
     if start is not None:
         run.restore(load_checkpoint(start))
     else:
@@ -386,6 +394,8 @@ def _loop(run: Run, on_step: Callable[[int], None] | None, closing: contextlib.E
             progress.update(1)
             if on_step is not None:
                 on_step(run.step)
+            if run.last_epochs is not None and run.last_epochs.due(run.step):  # before the checkpoint
+                run.last_epochs.record(run.core, run.data.test, info.device, run.step, tc.amp)
             if run.step % tc.eval_interval == 0 or run.step == run.steps:
                 run.validate()
             # one process stops after the step in which the signal came; under DDP the ranks agree on it
@@ -401,6 +411,10 @@ def _loop(run: Run, on_step: Callable[[int], None] | None, closing: contextlib.E
                          skipped_steps=run.skipped)
     if not interrupted:
         result.test_metrics, result.pretrained_dir = _finish(run)
+        if run.last_epochs is not None and info.is_main:  # next to the held-out selection's test report
+            result.benchmark = run.last_epochs.summary()
+            run.loggers.log_scalars(run.last_epochs.scalars(), run.step)
+            print("\n" + run.last_epochs.format(), flush=True)
     return result
 
 

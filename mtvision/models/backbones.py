@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from mtvision.errors import MTVisionError, UnknownNameError, closest
+from mtvision.models.segnet import SEGNET_NAME, SegNet
 from mtvision.models.swin_mmseg import use_mmseg_windows
 
 _log = logging.getLogger(__name__)
@@ -435,7 +436,15 @@ def create_backbone(
         bn_momentum: None (timm's) or the momentum of every BatchNorm of the model (the release HRNet's
             is 0.01, timm's 0.1).
         **kwargs: further timm model arguments (e.g. img_size, depth, dynamic_img_size).
+
+    `name` "segnet" builds the benchmark's `SegNet` instead (`mtvision/models/segnet.py`; kwargs:
+    `widths`), trained from scratch: see `_create_segnet` for the options it takes.
     """
+    if name == SEGNET_NAME:
+        return _create_segnet(out_indices=out_indices, weights=weights, pretrained=pretrained,
+                              drop_path_rate=drop_path_rate, channels_last=channels_last,
+                              grad_checkpointing=grad_checkpointing, output_norm=output_norm, swin_impl=swin_impl,
+                              upsample_mode=upsample_mode, bn_momentum=bn_momentum, **kwargs)
     check_backbone_name(name)
     if swin_impl not in SWIN_IMPLS:
         raise BackboneError(f"unknown backbone.swin_impl {swin_impl!r} (valid: {', '.join(SWIN_IMPLS)})")
@@ -497,6 +506,26 @@ def create_backbone(
     if grad_checkpointing:
         backbone.set_grad_checkpointing(True)
     return backbone
+
+
+def _create_segnet(*, weights: Any, pretrained: bool | None, channels_last: bool, bn_momentum: float | None,
+                   **options: Any) -> SegNet:
+    """The benchmark's SegNet: random initialisation (no pretrained SegNet exists), any timm-only
+    option left at its default; `widths` (five stage widths) is its one model argument."""
+    if pretrained or weights is not None:
+        raise BackboneError("backbone 'segnet' trains from scratch (there are no pretrained SegNet weights): "
+                            "set model.backbone.pretrained: false and leave backbone.weights unset")
+    widths = options.pop("widths", None)
+    defaults = {"out_indices": None, "drop_path_rate": None, "grad_checkpointing": False, "output_norm": "none",
+                "swin_impl": "timm", "upsample_mode": None}
+    unused = sorted(k for k, v in options.items() if defaults.get(k, object()) != v)
+    if unused:
+        raise BackboneError(f"backbone 'segnet' does not take option(s) {unused} (its model argument: kwargs.widths)")
+    model = SegNet() if widths is None else SegNet(widths)
+    _set_bn_momentum(model, SEGNET_NAME, bn_momentum)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
 
 
 def _mmseg_swin_kwargs(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any
 from mtvision.config_io import ConfigError, from_dict
 from mtvision.data.sample import IMAGENET_MEAN, IMAGENET_STD
 from mtvision.errors import closest
+from mtvision.models.regularizer3d.config import Regularizer3DConfig
 
 RESIZE_MODES = ("pad", "letterbox", "stretch")
 
@@ -87,6 +88,8 @@ class ModelConfig:
 
     tasks: task name -> number of classes (label tasks) or None (the registry default).
     decoder: a name from `mtvision.list_models()`; decoder_options: its keyword options.
+    regularizer3d: None, or the options of the training-time 3D-aware regulariser
+    (`mtvision/models/regularizer3d/model.py`; `{}` for its defaults).
     """
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -94,6 +97,7 @@ class ModelConfig:
     decoder_options: dict[str, Any] = field(default_factory=dict)
     tasks: dict[str, int | None] = field(default_factory=dict)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    regularizer3d: Regularizer3DConfig | None = None
 
     def validate(self) -> None:
         """Raise ConfigError (or UnknownNameError for tasks) when the config cannot describe a model."""
@@ -106,6 +110,8 @@ class ModelConfig:
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
         self.preprocess.validate()
+        if self.regularizer3d is not None:
+            self.regularizer3d.validate()
 
     def resolved(
         self, tasks: Sequence[str], num_classes: Mapping[str, int], input_size: Sequence[int]

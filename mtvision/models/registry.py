@@ -14,9 +14,12 @@ from mtvision.models.backbones import create_backbone
 from mtvision.models.config import BackboneConfig, ConfigError, ModelConfig
 from mtvision.models.decoders import CrossStitchDecoder, HPSDecoder, MultiTaskDecoder
 from mtvision.models.decoders.branched import BranchedDecoder
+from mtvision.models.decoders.controllable import ControllableDecoder
+from mtvision.models.decoders.dsmtl import DSMTLDecoder
 from mtvision.models.decoders.invpt import CrossTaskAttentionDecoder
 from mtvision.models.decoders.m3vit import M3ViTDecoder
 from mtvision.models.decoders.mmoe import MMoEDecoder
+from mtvision.models.decoders.mtan import MTANDecoder
 from mtvision.models.decoders.mtinet import MTINetDecoder
 from mtvision.models.decoders.mtmamba import CrossTaskSSMDecoder
 from mtvision.models.decoders.padnet import PADNetDecoder
@@ -24,6 +27,7 @@ from mtvision.models.decoders.taps import TAPSDecoder
 from mtvision.models.decoders.taskexpert import TaskExpertDecoder
 from mtvision.models.decoders.taskprompter import TaskPrompterDecoder
 from mtvision.models.multitask import MultiTaskModel
+from mtvision.models.regularizer3d.model import ThreeDAwareModel
 from mtvision.tasks import resolve_tasks
 
 DecoderBuilder = Callable[..., MultiTaskDecoder]
@@ -41,6 +45,9 @@ DECODERS: dict[str, DecoderBuilder] = {
     "mtmamba": CrossTaskSSMDecoder,
     "taskexpert": TaskExpertDecoder,
     "taps": TAPSDecoder,
+    "mtan": MTANDecoder,
+    "controllable": ControllableDecoder,
+    "dsmtl": DSMTLDecoder,
 }
 
 
@@ -101,6 +108,8 @@ def build_model(config: ModelConfig) -> MultiTaskModel:
         **b.kwargs,
     )
     decoder = builder(make_backbone, tasks, **config.decoder_options)
+    if config.regularizer3d is not None:  # the training-time 3D-aware regulariser around the model
+        return ThreeDAwareModel(config, decoder)
     return MultiTaskModel(config, decoder)
 
 

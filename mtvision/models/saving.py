@@ -35,10 +35,15 @@ FOLDER_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)  # what a pretrained folde
 
 
 def folder_config(model: torch.nn.Module) -> dict[str, Any]:
-    """The config.json contents for `model` (backbone weights now live in model.safetensors)."""
+    """The config.json contents for `model`: backbone weights, and the decoder options that only
+    initialise (a decoder's `INIT_OPTIONS`, e.g. DSMTL's `private_init`), now live in
+    model.safetensors."""
     data = model.config.to_dict()
     data["backbone"]["weights"] = None
     data["backbone"]["pretrained"] = False
+    decoder = getattr(model, "decoder", None)
+    for key in getattr(type(decoder), "INIT_OPTIONS", ()):
+        data["decoder_options"].pop(key, None)
     return {"format_version": FORMAT_VERSION, "mtvision_version": __version__, **data}
 
 

@@ -7,51 +7,28 @@ max |diff| / max |output| <= 2.4e-6 for every task's final and preliminary outpu
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
 from mtvision.convert import FORMATS, convert_checkpoint
 from mtvision.convert.base import ConversionError
 from mtvision.models.pretrained import load_model
-from mtvision.models.registry import build_model
+from tests.convert.release_state import load_manifest, meta_model, release_state
 
-MANIFESTS = Path(__file__).parent / "manifests"
 TASKS = {"nyud": ["semseg", "depth", "normals", "edge"], "pascal": ["semseg", "parts", "saliency", "normals", "edge"]}
 
 
-def _manifest(name: str) -> dict:
-    return json.loads((MANIFESTS / f"{name}.json").read_text())
 
 
-def _state(manifest: dict, device: str = "meta", seed: int = 0) -> dict[str, torch.Tensor]:
-    """A state dict with exactly the manifest's keys and shapes (random values, or meta tensors)."""
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, shape in manifest["keys"]:
-        if key.endswith("num_batches_tracked"):
-            state[key] = torch.zeros(shape, dtype=torch.long, device=device)
-        elif device == "meta":
-            state[key] = torch.empty(shape, device="meta")
-        elif key.endswith("running_var"):
-            state[key] = 1 + 0.1 * torch.rand(shape, generator=gen)
-        else:
-            state[key] = 0.02 * torch.randn(shape, generator=gen)
-    return state
 
 
-def _meta_model(config):
-    with torch.device("meta"):
-        return build_model(config)
 
 
 @pytest.mark.parametrize("name", ["invpt_nyud_full", "invpt_pascal_full", "invpt_nyud_small", "invpt_pascal_small"])
 def test_release_maps_exactly_onto_the_model_and_skips_only_its_unused_parameters(name):
-    manifest = _manifest(name)
+    manifest = load_manifest(name)
     dataset, size = manifest["dataset"], tuple(manifest["input_size"])
-    conversion = FORMATS["invpt"](_state(manifest), dataset, size, None)
+    conversion = FORMATS["invpt"](release_state(manifest), dataset, size, None)
     config = conversion.config
     vit_l = name.endswith("full")
     assert config.backbone.name == ("vit_large_patch16_384" if vit_l else "vit_base_patch16_384")
@@ -63,7 +40,7 @@ def test_release_maps_exactly_onto_the_model_and_skips_only_its_unused_parameter
     assert config.decoder_options == ({**expected, "saliency_channels": 2} if dataset == "pascal" else expected)
     # exactly the parameters the release builds and never uses (found by a backward pass on its code)
     assert set(conversion.skipped) == set(manifest["unused"])
-    model = _meta_model(config)
+    model = meta_model(config)
     own = model.state_dict()
     assert own.keys() == conversion.state_dict.keys()
     assert all(own[k].shape == conversion.state_dict[k].shape for k in own)
@@ -75,16 +52,16 @@ def test_full_size_parameter_counts():
     # the release: 402,092,888 (NYUD) / 422,929,810 (PASCAL), of which 6,639,562 / 6,972,202 are never used
     counts = {}
     for dataset in ("nyud", "pascal"):
-        manifest = _manifest(f"invpt_{dataset}_full")
-        model = _meta_model(FORMATS["invpt"](_state(manifest), dataset, None, None).config)
+        manifest = load_manifest(f"invpt_{dataset}_full")
+        model = meta_model(FORMATS["invpt"](release_state(manifest), dataset, None, None).config)
         counts[dataset] = (manifest["param_count"], sum(p.numel() for p in model.parameters()))
     assert counts == {"nyud": (402_092_888, 395_453_326), "pascal": (422_929_810, 415_957_608)}
 
 
 @pytest.mark.slow
 def test_small_release_converts_loads_strictly_and_runs(tmp_path):
-    manifest = _manifest("invpt_nyud_small")
-    state = _state(manifest, device="cpu")
+    manifest = load_manifest("invpt_nyud_small")
+    state = release_state(manifest, device="cpu")
     path = tmp_path / "release.pth.tar"
     torch.save({"model": {f"module.{k}": v for k, v in state.items()}, "iter_count": 40000}, path)  # the release's layout
     out = convert_checkpoint("invpt", path, "nyud", tmp_path / "converted", input_size=(128, 192))
@@ -100,23 +77,23 @@ def test_small_release_converts_loads_strictly_and_runs(tmp_path):
 
 
 def test_another_models_or_datasets_checkpoint_is_refused():
-    taskprompter = _state(_manifest("taskprompter_nyud_full"))
+    taskprompter = release_state(load_manifest("taskprompter_nyud_full"))
     with pytest.raises(ConversionError, match="not an InvPT checkpoint"):
         FORMATS["invpt"](taskprompter, "nyud", None, None)
-    pascal = _state(_manifest("invpt_pascal_full"))
+    pascal = release_state(load_manifest("invpt_pascal_full"))
     with pytest.raises(ConversionError, match="another dataset"):
         FORMATS["invpt"](pascal, "nyud", (512, 512), None)
-    nyud = _state(_manifest("invpt_nyud_full"))
+    nyud = release_state(load_manifest("invpt_nyud_full"))
     nyud["heads.semseg.linear_pred.weight"] = torch.empty(21, 576, 1, 1, device="meta")
     with pytest.raises(ConversionError, match="40 classes|21 classes"):
         FORMATS["invpt"](nyud, "nyud", None, None)
 
 
 def test_an_input_size_that_does_not_fit_the_position_embedding_is_refused():
-    state = _state(_manifest("invpt_nyud_full"))
+    state = release_state(load_manifest("invpt_nyud_full"))
     with pytest.raises(ConversionError, match=r"pos_embed has 1009 rows .* 512x512 needs 1025: .* sizes that fit: 448x576"):
         FORMATS["invpt"](state, "nyud", (512, 512), None)
-    small = _state(_manifest("invpt_nyud_small"))
+    small = release_state(load_manifest("invpt_nyud_small"))
     with pytest.raises(ConversionError, match="pos_embed has 97 rows"):
         FORMATS["invpt"](small, "nyud", None, None)  # the release size 448x576 does not fit a 128x192 model
     with pytest.raises(ConversionError, match="multiples of 16"):
@@ -124,7 +101,7 @@ def test_an_input_size_that_does_not_fit_the_position_embedding_is_refused():
 
 
 def test_a_backbone_of_no_known_size_and_leftover_keys_are_refused():
-    state = _state(_manifest("invpt_nyud_small"))
+    state = release_state(load_manifest("invpt_nyud_small"))
     cut = {k: v for k, v in state.items() if not k.startswith("backbone.blocks.11.")}
     with pytest.raises(ConversionError, match="width 768 and depth 11 fits no known backbone"):
         FORMATS["invpt"](cut, "nyud", (128, 192), None)

@@ -8,9 +8,6 @@ task's prediction and TAM prediction, and the same balancing loss, both datasets
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -18,37 +15,21 @@ from mtvision.convert import FORMATS, convert_checkpoint
 from mtvision.convert.base import ConversionError
 from mtvision.models.pretrained import load_model
 from mtvision.models.registry import build_model
+from tests.convert.release_state import load_manifest, release_state
 
-MANIFESTS = Path(__file__).parent / "manifests"
 TASKS = {"nyud": ["semseg", "depth"], "pascal": ["semseg", "parts", "saliency", "normals", "edge"]}
 
 
-def _manifest(name: str) -> dict:
-    return json.loads((MANIFESTS / f"{name}.json").read_text())
 
 
-def _state(manifest: dict, device: str = "meta", seed: int = 0) -> dict[str, torch.Tensor]:
-    """A state dict with exactly the manifest's keys and shapes (random values, or meta tensors)."""
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, shape in manifest["keys"]:
-        if key.endswith("num_batches_tracked"):
-            state[key] = torch.zeros(shape, dtype=torch.long, device=device)
-        elif device == "meta":
-            state[key] = torch.empty(shape, device="meta")
-        elif key.endswith("running_var"):
-            state[key] = 1 + 0.1 * torch.rand(shape, generator=gen)
-        else:
-            state[key] = 0.02 * torch.randn(shape, generator=gen)
-    return state
 
 
 @pytest.mark.parametrize("name", ["m3vit_nyud_full", "m3vit_pascal_full", "m3vit_nyud_small", "m3vit_pascal_small"])
 def test_release_maps_exactly_onto_the_model(name):
-    manifest = _manifest(name)
+    manifest = load_manifest(name)
     dataset, size = manifest["dataset"], manifest["input_size"]
     full = name.endswith("full")
-    conversion = FORMATS["m3vit"](_state(manifest), dataset, None if full else tuple(size), None)
+    conversion = FORMATS["m3vit"](release_state(manifest), dataset, None if full else tuple(size), None)
     config = conversion.config
     b = config.backbone
     assert (b.name, b.out_indices, b.output_norm) == ("deit_small_patch16_224", [11], "none")  # no final norm
@@ -69,8 +50,8 @@ def test_release_maps_exactly_onto_the_model(name):
 
 @pytest.mark.slow
 def test_a_random_release_checkpoint_converts_loads_and_runs(tmp_path):
-    manifest = _manifest("m3vit_nyud_small")
-    state = _state(manifest, device="cpu")
+    manifest = load_manifest("m3vit_nyud_small")
+    state = release_state(manifest, device="cpu")
     torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / "merged.pth")
     out = convert_checkpoint("m3vit", tmp_path / "merged.pth", "nyud", tmp_path / "folder", input_size=(128, 192))
     model = load_model(out).eval()
@@ -88,11 +69,11 @@ def test_a_random_release_checkpoint_converts_loads_and_runs(tmp_path):
 
 
 def test_bad_checkpoints_are_refused_with_the_reason():
-    nyud = _state(_manifest("m3vit_nyud_full"))
+    nyud = release_state(load_manifest("m3vit_nyud_full"))
     with pytest.raises(ConversionError, match="not the pascal release's"):
         FORMATS["m3vit"](nyud, "pascal", None, None)
     with pytest.raises(ConversionError, match="not an M3ViT"):
-        FORMATS["m3vit"](_state(_manifest("padnet_nyud")), "nyud", None, None)
+        FORMATS["m3vit"](release_state(load_manifest("padnet_nyud")), "nyud", None, None)
     with pytest.raises(ConversionError, match="1201 tokens, which does not fit 512x512.*--input-size"):
         FORMATS["m3vit"](nyud, "nyud", (512, 512), None)
     rank0 = {k: (torch.empty(8, *v.shape[1:], device="meta") if ".mlp.experts." in k else v) for k, v in nyud.items()}

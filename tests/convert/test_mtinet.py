@@ -8,9 +8,6 @@ datasets."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -18,35 +15,19 @@ from mtvision.convert import FORMATS, convert_checkpoint
 from mtvision.convert.base import ConversionError
 from mtvision.models.pretrained import load_model
 from mtvision.models.registry import build_model
+from tests.convert.release_state import load_manifest, release_state
 
-MANIFESTS = Path(__file__).parent / "manifests"
 TASKS = {"nyud": ["semseg", "depth"], "pascal": ["semseg", "parts", "saliency", "normals", "edge"]}
 
 
-def _manifest(name: str) -> dict:
-    return json.loads((MANIFESTS / f"{name}.json").read_text())
 
 
-def _state(manifest: dict, device: str = "meta", seed: int = 0) -> dict[str, torch.Tensor]:
-    """A state dict with exactly the manifest's keys and shapes (random values, or meta tensors)."""
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, shape in manifest["keys"]:
-        if key.endswith("num_batches_tracked"):
-            state[key] = torch.zeros(shape, dtype=torch.long, device=device)
-        elif device == "meta":
-            state[key] = torch.empty(shape, device="meta")
-        elif key.endswith("running_var"):
-            state[key] = 1 + 0.1 * torch.rand(shape, generator=gen)
-        else:
-            state[key] = 0.02 * torch.randn(shape, generator=gen)
-    return state
 
 
 @pytest.mark.parametrize("dataset", ["nyud", "pascal"])
 def test_release_maps_exactly_onto_the_model(dataset):
-    manifest = _manifest(f"mtinet_{dataset}")
-    state = _state(manifest)
+    manifest = load_manifest(f"mtinet_{dataset}")
+    state = release_state(manifest)
     conversion = FORMATS["mtinet"](state, dataset, None, None)
     config = conversion.config
     b = config.backbone
@@ -74,7 +55,7 @@ def test_release_maps_exactly_onto_the_model(dataset):
 
 
 def test_a_random_release_checkpoint_converts_loads_and_runs(tmp_path):
-    state = _state(_manifest("mtinet_nyud"), device="cpu")
+    state = release_state(load_manifest("mtinet_nyud"), device="cpu")
     torch.save(state, tmp_path / "best_model.pth.tar")
     out = convert_checkpoint("mtinet", tmp_path / "best_model.pth.tar", "nyud", tmp_path / "folder")
     model = load_model(out).eval()
@@ -87,11 +68,11 @@ def test_a_random_release_checkpoint_converts_loads_and_runs(tmp_path):
 
 
 def test_bad_checkpoints_are_refused_with_the_reason():
-    nyud = _state(_manifest("mtinet_nyud"))
+    nyud = release_state(load_manifest("mtinet_nyud"))
     with pytest.raises(ConversionError, match="not the pascal release's"):
         FORMATS["mtinet"](nyud, "pascal", None, None)
     with pytest.raises(ConversionError, match="not an MTI-Net checkpoint"):
-        FORMATS["mtinet"](_state(_manifest("padnet_nyud")), "nyud", None, None)
+        FORMATS["mtinet"](release_state(load_manifest("padnet_nyud")), "nyud", None, None)
     odd = dict(nyud)
     odd["backbone.transition1.0.0.weight"] = torch.empty(20, 256, 3, 3, device="meta")
     with pytest.raises(ConversionError, match="fits no timm HRNet"):

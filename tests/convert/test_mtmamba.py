@@ -7,9 +7,6 @@ max |diff| / max |output| <= 1.5e-6 for every task of the four models."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -19,38 +16,23 @@ from mtvision.convert.mtmamba import _relative_position_index, infer_swin
 from mtvision.models.pretrained import load_model
 from mtvision.models.registry import build_model
 from mtvision.models.swin_mmseg import mmseg_merging_to_timm
+from tests.convert.release_state import load_manifest, release_state
 
-MANIFESTS = Path(__file__).parent / "manifests"
 CASES = [(f, d) for f in ("mtmamba", "mtmamba_plus") for d in ("nyud", "pascal")]
 TASKS = {"nyud": ["semseg", "depth", "normals", "edge"], "pascal": ["semseg", "parts", "saliency", "normals", "edge"]}
 
 
+SPECIAL = {"relative_position_index": lambda shape: _relative_position_index(round(shape[0] ** 0.5))}  # a Swin's, as built
+
+
 def _manifest(fmt: str, dataset: str, size: str) -> dict:
-    return json.loads((MANIFESTS / f"{fmt}_{dataset}_{size}.json").read_text())
-
-
-def _state(manifest: dict, device: str = "meta", seed: int = 0) -> dict[str, torch.Tensor]:
-    """A state dict with exactly the manifest's keys and shapes (random values, or meta tensors)."""
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, shape in manifest["keys"]:
-        if key.endswith("relative_position_index"):
-            state[key] = _relative_position_index(round(shape[0] ** 0.5))
-        elif key.endswith("num_batches_tracked"):
-            state[key] = torch.zeros(shape, dtype=torch.long, device=device)
-        elif device == "meta":
-            state[key] = torch.empty(shape, device="meta")
-        elif key.endswith("running_var"):
-            state[key] = 1 + 0.1 * torch.rand(shape, generator=gen)
-        else:
-            state[key] = 0.02 * torch.randn(shape, generator=gen)
-    return state
+    return load_manifest(f"{fmt}_{dataset}_{size}")
 
 
 @pytest.mark.parametrize("fmt, dataset", CASES)
 def test_full_size_release_maps_exactly_onto_the_model(fmt, dataset):
     manifest = _manifest(fmt, dataset, "full")
-    conversion = FORMATS[fmt](_state(manifest), dataset, None, None)
+    conversion = FORMATS[fmt](release_state(manifest, special=SPECIAL), dataset, None, None)
     config = conversion.config
     assert config.backbone.name == "swin_large_patch4_window12_384"
     b = config.backbone
@@ -74,7 +56,7 @@ def test_full_size_release_maps_exactly_onto_the_model(fmt, dataset):
 )
 def test_small_release_converts_loads_strictly_and_runs(tmp_path, fmt, dataset):
     manifest = _manifest(fmt, dataset, "small")
-    state = _state(manifest, device="cpu")
+    state = release_state(manifest, device="cpu", special=SPECIAL)
     path = tmp_path / "release.pth.tar"
     torch.save({"model": {f"module.{k}": v for k, v in state.items()}}, path)  # the releases' DDP layout
     out = convert_checkpoint(fmt, path, dataset, tmp_path / "converted", input_size=(64, 96))
@@ -97,17 +79,17 @@ def test_small_release_converts_loads_strictly_and_runs(tmp_path, fmt, dataset):
 
 
 def test_backbone_size_is_read_from_the_shapes():
-    small = _state(_manifest("mtmamba", "nyud", "small"))
+    small = release_state(_manifest("mtmamba", "nyud", "small"), special=SPECIAL)
     assert infer_swin(small) == ("swin_tiny_patch4_window7_224", 7)
-    assert infer_swin(_state(_manifest("mtmamba_plus", "pascal", "full"))) == ("swin_large_patch4_window12_384", 12)
+    assert infer_swin(release_state(_manifest("mtmamba_plus", "pascal", "full"), special=SPECIAL)) == ("swin_large_patch4_window12_384", 12)
     odd = dict(small, **{"backbone.patch_embed.projection.weight": torch.empty(80, 3, 4, 4, device="meta")})
     with pytest.raises(ConversionError, match="no known Swin"):
         FORMATS["mtmamba"](odd, "nyud", None, None)
 
 
 def test_another_models_or_datasets_checkpoint_is_refused():
-    mtmamba = _state(_manifest("mtmamba", "nyud", "small"))
-    plus = _state(_manifest("mtmamba_plus", "pascal", "small"))
+    mtmamba = release_state(_manifest("mtmamba", "nyud", "small"), special=SPECIAL)
+    plus = release_state(_manifest("mtmamba_plus", "pascal", "small"), special=SPECIAL)
     with pytest.raises(ConversionError, match="'mtmamba_plus'"):
         FORMATS["mtmamba"](plus, "pascal", None, None)
     with pytest.raises(ConversionError, match="'mtmamba'"):
@@ -123,7 +105,7 @@ def test_another_models_or_datasets_checkpoint_is_refused():
 
 
 def test_unmapped_keys_and_a_foreign_position_index_are_errors():
-    state = _state(_manifest("mtmamba", "nyud", "small"))
+    state = release_state(_manifest("mtmamba", "nyud", "small"), special=SPECIAL)
     extra = dict(state, **{"block_3.0.extra.weight": torch.empty(3, device="meta")})
     with pytest.raises(ConversionError, match="block_3.0.extra.weight"):
         FORMATS["mtmamba"](extra, "nyud", None, None)

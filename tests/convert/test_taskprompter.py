@@ -9,18 +9,14 @@ configurations."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
 from mtvision.convert import FORMATS, convert_checkpoint
 from mtvision.convert.base import ConversionError
 from mtvision.models.pretrained import load_model
-from mtvision.models.registry import build_model
+from tests.convert.release_state import load_manifest, meta_model, release_state
 
-MANIFESTS = Path(__file__).parent / "manifests"
 TASKS = {"nyud": ["semseg", "depth", "normals", "edge"], "pascal": ["semseg", "parts", "saliency", "normals", "edge"]}
 # manifest -> (timm backbone, taps, read-out / fused widths, channel windows, cross-task reweighting)
 CASES = {
@@ -32,37 +28,18 @@ CASES = {
 }
 
 
-def _manifest(name: str) -> dict:
-    return json.loads((MANIFESTS / f"{name}.json").read_text())
 
 
-def _state(manifest: dict, device: str = "meta", seed: int = 0) -> dict[str, torch.Tensor]:
-    """A state dict with exactly the manifest's keys and shapes (random values, or meta tensors)."""
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, shape in manifest["keys"]:
-        if key.endswith("num_batches_tracked"):
-            state[key] = torch.zeros(shape, dtype=torch.long, device=device)
-        elif device == "meta":
-            state[key] = torch.empty(shape, device="meta")
-        elif key.endswith("running_var"):
-            state[key] = 1 + 0.1 * torch.rand(shape, generator=gen)
-        else:
-            state[key] = 0.02 * torch.randn(shape, generator=gen)
-    return state
 
 
-def _meta_model(config):
-    with torch.device("meta"):
-        return build_model(config)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_release_maps_exactly_onto_the_model_and_skips_only_its_unused_parameters(name):
-    manifest = _manifest(name)
+    manifest = load_manifest(name)
     backbone, taps, tar, fin, windows, ctr = CASES[name]
     dataset, size = manifest["dataset"], tuple(manifest["input_size"])
-    conversion = FORMATS["taskprompter"](_state(manifest), dataset, size, None)
+    conversion = FORMATS["taskprompter"](release_state(manifest), dataset, size, None)
     config = conversion.config
     assert (config.backbone.name, config.backbone.out_indices, config.backbone.output_norm) == (backbone, taps, "last")
     assert config.backbone.kwargs["img_size"] == list(size)
@@ -72,7 +49,7 @@ def test_release_maps_exactly_onto_the_model_and_skips_only_its_unused_parameter
     assert config.decoder_options == ({**options, "saliency_channels": 2} if dataset == "pascal" else options)
     # the last block's token_trans1 is built and never used (found by a backward pass on the release)
     assert set(conversion.skipped) == set(manifest["unused"])
-    model = _meta_model(config)
+    model = meta_model(config)
     own = model.state_dict()
     assert own.keys() == conversion.state_dict.keys()
     assert all(own[k].shape == conversion.state_dict[k].shape for k in own)
@@ -86,8 +63,8 @@ def test_release_maps_exactly_onto_the_model_and_skips_only_its_unused_parameter
 def test_full_size_parameter_counts():
     counts = {}
     for name in ("taskprompter_nyud_full", "taskprompter_pascal_full", "taskprompter_pascal_vitb_full"):
-        manifest = _manifest(name)
-        model = _meta_model(FORMATS["taskprompter"](_state(manifest), manifest["dataset"], None, None).config)
+        manifest = load_manifest(name)
+        model = meta_model(FORMATS["taskprompter"](release_state(manifest), manifest["dataset"], None, None).config)
         counts[name] = (manifest["param_count"], sum(p.numel() for p in model.parameters()))
     assert counts == {
         "taskprompter_nyud_full": (513_505_709, 512_473_517),
@@ -98,8 +75,8 @@ def test_full_size_parameter_counts():
 
 @pytest.mark.slow
 def test_small_release_converts_loads_strictly_and_runs(tmp_path):
-    manifest = _manifest("taskprompter_pascal_small")
-    state = _state(manifest, device="cpu")
+    manifest = load_manifest("taskprompter_pascal_small")
+    state = release_state(manifest, device="cpu")
     path = tmp_path / "release.pth.tar"
     torch.save({"model": {f"module.{k}": v for k, v in state.items()}, "iter_count": 40000}, path)  # the release's layout
     out = convert_checkpoint("taskprompter", path, "pascal", tmp_path / "converted", input_size=(128, 192))
@@ -119,13 +96,13 @@ def test_small_release_converts_loads_strictly_and_runs(tmp_path):
 
 def test_another_models_or_datasets_checkpoint_is_refused():
     with pytest.raises(ConversionError, match="not a TaskPrompter checkpoint"):
-        FORMATS["taskprompter"](_state(_manifest("invpt_nyud_full")), "nyud", None, None)
+        FORMATS["taskprompter"](release_state(load_manifest("invpt_nyud_full")), "nyud", None, None)
     with pytest.raises(ConversionError, match="another dataset"):
-        FORMATS["taskprompter"](_state(_manifest("taskprompter_nyud_full")), "pascal", (448, 576), None)
+        FORMATS["taskprompter"](release_state(load_manifest("taskprompter_nyud_full")), "pascal", (448, 576), None)
 
 
 def test_sizes_that_do_not_fit_the_size_tied_tensors_are_refused():
-    state = _state(_manifest("taskprompter_pascal_full"))
+    state = release_state(load_manifest("taskprompter_pascal_full"))
     with pytest.raises(ConversionError, match=r"pos_embed has 1025 rows .* 448x576 needs 1009"):
         FORMATS["taskprompter"](state, "pascal", (448, 576), None)
     # a position embedding that fits is not enough: every block's token transforms must fit too
@@ -135,8 +112,8 @@ def test_sizes_that_do_not_fit_the_size_tied_tensors_are_refused():
 
 
 def test_read_out_widths_of_no_released_config_are_refused():
-    manifest = _manifest("taskprompter_nyud_small")
-    state = _state(manifest)
+    manifest = load_manifest("taskprompter_nyud_small")
+    state = release_state(manifest)
     for key in [k for k in state if k.startswith("backbone.fea_decode_spa.")]:
         state[key] = torch.empty(512, *state[key].shape[1:], device="meta")
     with pytest.raises(ConversionError, match="read-out widths 512/768 match no released TaskPrompter config"):

@@ -25,7 +25,7 @@ def test_cosine_and_min_ratio():
 
 def test_bad_schedules():
     with pytest.raises(ValueError, match="unknown schedule"):
-        WarmupSchedule(total_steps=10, schedule="step")
+        WarmupSchedule(total_steps=10, schedule="stepwise")
     with pytest.raises(ValueError, match="warmup_iters"):
         WarmupSchedule(total_steps=10, warmup_iters=20)
 
@@ -36,3 +36,17 @@ def test_schedule_is_a_plain_function_of_the_step():
     assert [0.2 * schedule(s) for s in range(4)] == pytest.approx([0.2, 0.15, 0.1, 0.05])
     again = WarmupSchedule(total_steps=4, schedule="poly", power=1.0)
     assert [again(s) for s in (3, 1, 2)] == [schedule(3), schedule(1), schedule(2)]  # no hidden state
+
+
+def test_step_schedule_multiplies_at_each_milestone():
+    """MTAN's NYUv2 recipe: StepLR(step_size=100 epochs, gamma=0.5) -> 1e-4 for epochs 0-99, 5e-5 after."""
+    s = WarmupSchedule(total_steps=1000, schedule="step", milestones=(400, 700), gamma=0.5)
+    assert [s(0), s(399), s(400), s(699), s(700), s(999)] == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
+
+
+def test_step_epochs_become_steps_in_the_trainer():
+    from mtvision.config import OptimConfig
+    from mtvision.engine.trainer import make_schedule
+
+    schedule = make_schedule(OptimConfig(schedule="step", step_epochs=[100], step_gamma=0.5), 200 * 397, 397)
+    assert schedule(100 * 397 - 1) == 1.0 and schedule(100 * 397) == 0.5

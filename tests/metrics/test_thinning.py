@@ -1,7 +1,7 @@
 import numpy as np
 from scipy import ndimage
 
-from mtvision.metrics.thinning import thin
+from mtvision.metrics.thinning import _LUT_FIRST, _LUT_SECOND, _NEIGHBOURS, _deletion_mask, thin
 
 EIGHT = np.ones((3, 3), dtype=bool)
 
@@ -45,3 +45,18 @@ def test_ring_stays_a_ring():
     a[3:6, 3:6] = False
     out = thin(a)
     assert ndimage.label(~out)[1] == 2 and out.sum() < a.sum()
+
+
+def test_bitwise_deletion_rule_equals_the_lookup_tables_for_all_neighbourhoods():
+    # pixel c of row 1 at column 3c + 2 has neighbour code c; bits 1..7 of the image are unused maps
+    img = np.zeros((3, 3 * 256 + 2), np.uint8)
+    for code in range(256):
+        img[1, 3 * code + 2] = 1
+        for bit, (dr, dc) in enumerate(_NEIGHBOURS):
+            img[1 + dr, 3 * code + 2 + dc] |= (code >> bit) & 1
+    for second, lut in ((False, _LUT_FIRST), (True, _LUT_SECOND)):
+        deleted = _deletion_mask(img, (1, 2, 1, 3 * 256 + 1), second)[0, 1::3]
+        assert np.array_equal(deleted.astype(bool), lut)
+    # bit k of every pixel is an independent map: maps in other bits do not interact
+    stack = np.stack([np.roll(img[:, :60] > 0, k, axis=1) for k in range(8)])
+    assert np.array_equal(thin(stack), np.stack([thin(m) for m in stack]))
