@@ -211,7 +211,7 @@ def main() -> None:
         deltas = [delta(method, s) for s in args.seeds]
         paired = [delta(method, s) - delta(base, s) for s in args.seeds] if base else []
         cells = [f"{statistics.mean(m[t][primary[t]] for m in per_seed):.4g}" for t in TASKS]
-        below = [t for t in TASKS if (statistics.mean(m[t][primary[t]] for m in per_seed) - refs[t][primary[t]]) * (1 if higher[t] else -1) < 0]
+        below = [t for t in TASKS if (statistics.mean(m[t][primary[t]] for m in per_seed) - refs[t][primary[t]]) * (1 if higher[t][primary[t]] else -1) < 0]
         paired_cell = f"{statistics.mean(paired):+.2f} ± {se(paired):.2f}" if paired and method != base else "—"
         print(f"| {method} | {statistics.mean(deltas):+.2f} ± {se(deltas):.2f} | {paired_cell} | " + " | ".join(cells)
               + f" | {len(below)} ({', '.join(below) or 'none'}) |")
