@@ -16,8 +16,7 @@ from collections.abc import Mapping
 from torch import Tensor
 
 from mtvision.convert.base import Conversion, ConversionError, check_all_used, check_dataset
-from mtvision.convert.release_vit import KeyMap, infer_vit, mtvision_task, release_preprocess, release_tasks
-from mtvision.models.config import BackboneConfig, ModelConfig
+from mtvision.convert.release_vit import KeyMap, infer_vit, mtvision_task, release_tasks, release_vit_config
 
 DEC = "multi_task_decoder."
 UNUSED = "built by the release but never used in its forward"
@@ -81,18 +80,5 @@ def convert_invpt(
     heads = int(state[f"{DEC}invpt.invpt_stages.1.blocks.0.attn.fuse_attn.weight"].shape[0]) if stages > 1 else 2
     options = {"task_channels": task_channels, "prediction_channels": dim0 - task_channels, "num_stages": stages,
                "num_heads": heads, "kv_strides": [2 << k for k in range(stages)]}
-    if "sal" in names:
-        options["saliency_channels"] = int(state["heads.sal.linear_pred.weight"].shape[0])
-    tasks = {mtvision_task(t): (int(state[f"heads.{t}.linear_pred.weight"].shape[0]) if t in ("semseg", "human_parts") else None)
-             for t in names}
-    config = ModelConfig(
-        backbone=BackboneConfig(
-            name=vit.name, out_indices=vit.taps, drop_path_rate=0.15, output_norm="last", output_norm_eps=1e-6,
-            kwargs={"img_size": list(vit.input_size), "dynamic_img_size": True},
-        ),
-        decoder="invpt",
-        decoder_options=options,
-        tasks=tasks,
-        preprocess=release_preprocess(dataset, vit.input_size),
-    )
+    config = release_vit_config(state, names, vit, dataset, "invpt", options)
     return Conversion(config, km.out, km.skipped)

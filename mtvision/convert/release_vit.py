@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from mtvision.convert.base import RELEASE_TASK_NAMES, ConversionError, take
-from mtvision.models.config import PreprocessConfig
+from mtvision.models.config import BackboneConfig, ModelConfig, PreprocessConfig
 
 PATCH = 16
 VIT_SIZES: dict[int, tuple[str, int, int]] = {
@@ -120,6 +120,28 @@ def release_preprocess(dataset: str, size: tuple[int, int]) -> PreprocessConfig:
     425x560 images (a multiple of 64) and to 512x512 for PASCAL at its release size."""
     divisor = 512 if dataset == "pascal" and tuple(size) == (512, 512) else 64
     return PreprocessConfig(mode="pad", input_size=list(size), size_divisor=divisor)
+
+
+def release_vit_config(
+    state: Mapping[str, Tensor], names: list[str], vit: ReleaseViT, dataset: str, decoder: str, options: dict
+) -> ModelConfig:
+    """The pretrained-folder config of an InvPT-family release: its ViT as the releases feed it (the
+    taps after each quarter, drop path 0.15, the final norm on the last tap), the tasks in mtvision's
+    names with the class counts of their heads (`heads.<task>.linear_pred`), the releases' padding."""
+    if "sal" in names:
+        options = {**options, "saliency_channels": int(state["heads.sal.linear_pred.weight"].shape[0])}
+    tasks = {mtvision_task(t): (int(state[f"heads.{t}.linear_pred.weight"].shape[0]) if t in ("semseg", "human_parts") else None)
+             for t in names}
+    return ModelConfig(
+        backbone=BackboneConfig(
+            name=vit.name, out_indices=vit.taps, drop_path_rate=0.15, output_norm="last", output_norm_eps=1e-6,
+            kwargs={"img_size": list(vit.input_size), "dynamic_img_size": True},
+        ),
+        decoder=decoder,
+        decoder_options=options,
+        tasks=tasks,
+        preprocess=release_preprocess(dataset, vit.input_size),
+    )
 
 
 def mtvision_task(name: str) -> str:

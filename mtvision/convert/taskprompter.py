@@ -18,8 +18,7 @@ import torch
 from torch import Tensor
 
 from mtvision.convert.base import Conversion, ConversionError, check_all_used, check_dataset
-from mtvision.convert.release_vit import KeyMap, infer_vit, mtvision_task, release_preprocess, release_tasks
-from mtvision.models.config import BackboneConfig, ModelConfig
+from mtvision.convert.release_vit import KeyMap, infer_vit, mtvision_task, release_tasks, release_vit_config
 
 CHANNEL_WINDOWS = {(768, 768): 16, (300, 350): 1, (780, 1024): 16}
 """(embed_dim, final_embed_dim) of the released configs -> their chan_nheads: NYUD ViT-L 768/768/16,
@@ -81,18 +80,5 @@ def convert_taskprompter(
     prompt_len = int(state["backbone.task_prompts"].shape[0]) // len(names)
     options = {"prompt_len": prompt_len, "channel_heads": windows, "feature_channels": feature_channels,
                "embed_channels": embed_channels, "cross_task_reweighting": ctr}
-    if "sal" in names:
-        options["saliency_channels"] = int(state["heads.sal.linear_pred.weight"].shape[0])
-    tasks = {mtvision_task(t): (int(state[f"heads.{t}.linear_pred.weight"].shape[0]) if t in ("semseg", "human_parts") else None)
-             for t in names}
-    config = ModelConfig(
-        backbone=BackboneConfig(
-            name=vit.name, out_indices=vit.taps, drop_path_rate=0.15, output_norm="last", output_norm_eps=1e-6,
-            kwargs={"img_size": list(vit.input_size), "dynamic_img_size": True},
-        ),
-        decoder="taskprompter",
-        decoder_options=options,
-        tasks=tasks,
-        preprocess=release_preprocess(dataset, vit.input_size),
-    )
+    config = release_vit_config(state, names, vit, dataset, "taskprompter", options)
     return Conversion(config, km.out, km.skipped)
