@@ -235,14 +235,17 @@ class ControllableDecoder(MultiTaskDecoder):
         reducer sees a gradient for every parameter (each rank draws its own configurations)."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return 0.0
-        used = set()
-        for c in configs:
-            with use_config(c):
-                used |= {id(m.active()) for m in self.modules() if isinstance(m, SwitchableBatchNorm2d)
-                         if m.key == ENCODER or m.key in {decoder_key(t) for t in tasks}}
+        used = {id(bn) for c in configs for bn in self.batch_norms(c, tasks)}
         extra = [p.sum() for m in self.modules() if isinstance(m, SwitchableBatchNorm2d)
                  for bn in m.copies.values() if id(bn) not in used for p in bn.parameters()]
         return 0.0 * torch.stack(extra).sum() if extra else 0.0
+
+    def batch_norms(self, config: WidthConfig, tasks: Sequence[str]) -> list[nn.BatchNorm2d]:
+        """The batch-norm copies the sub-network `config` runs for `tasks` (the encoder's and those
+        tasks' decoders')."""
+        keys = {ENCODER, *(decoder_key(t) for t in tasks)}
+        with use_config(config):
+            return [m.active() for m in self.modules() if isinstance(m, SwitchableBatchNorm2d) and m.key in keys]
 
     def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
         return self.decoders[task].parameters()
@@ -262,8 +265,7 @@ def recalibrate_batch_norms(
         raise TypeError(f"batch-norm recalibration needs a controllable model, got decoder {type(decoder).__name__}")
     config = decoder.check_config(config)
     tasks = list(decoder.tasks if tasks is None else tasks)
-    with use_config(config):
-        norms = [m.active() for m in decoder.modules() if isinstance(m, SwitchableBatchNorm2d)]
+    norms = decoder.batch_norms(config, tasks)  # only what the forwards below update
     momenta = [bn.momentum for bn in norms]
     was_training = model.training
     for bn in norms:

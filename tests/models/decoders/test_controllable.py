@@ -214,5 +214,10 @@ def test_batch_norm_recalibration_recomputes_only_the_chosen_configuration():
     torch.testing.assert_close(first.running_mean, x.mean(dim=(0, 2, 3)), rtol=1e-5, atol=1e-6)
     assert all(bn.momentum == 0.1 for bn in mine) and not model.training  # restored
     assert all(torch.equal(bn.running_mean, untouched[id(bn)]) for bn in theirs if id(bn) in untouched)
+    semseg = decoder.batch_norms(config, ["semseg"])[-1]  # a copy in the semseg decoder
+    assert semseg not in decoder.batch_norms(config, ["depth"])
+    kept = semseg.running_mean.clone()
+    recalibrate_batch_norms(model, config, batches[:1], tasks=["depth"])  # a task subset: semseg's stay
+    assert torch.equal(semseg.running_mean, kept)
     with pytest.raises(ValueError, match="at least one batch"):
         recalibrate_batch_norms(model, config, [])
