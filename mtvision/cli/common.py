@@ -13,6 +13,7 @@ import argparse
 import errno
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from mtvision.errors import MTVisionError
 
@@ -55,3 +56,11 @@ def run_command(prog: str, run: Callable[[], object], overrides: Sequence[str] =
         return INTERRUPTED
     return 0
 
+
+def find_run_config(target: Path) -> Path | None:
+    """The run's config.yaml for a run, pretrained or checkpoint folder `target` (it or up to three
+    folders above it), None when there is none."""
+    for folder in (target, target.parent, target.parent.parent, target.parent.parent.parent):
+        if (folder / "config.yaml").is_file():
+            return folder / "config.yaml"
+    return None

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from mtvision.cli.common import parse, run_command
+from mtvision.cli.common import find_run_config, parse, run_command
 from mtvision.errors import MTVisionError
 
 
@@ -32,13 +32,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=None, help="default: the config's train.batch_size")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     return parser
-
-
-def _find_run_config(target: Path) -> Path | None:
-    for folder in (target, target.parent, target.parent.parent, target.parent.parent.parent):
-        if (folder / "config.yaml").is_file():
-            return folder / "config.yaml"
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +60,7 @@ def _run(args: argparse.Namespace) -> int:
     target = args.target
     if not target.exists():
         raise FileNotFoundError(f"{target} does not exist")
-    config_path = args.config or _find_run_config(target)
+    config_path = args.config or find_run_config(target)
     if config_path is None:
         raise MTVisionError(f"no config.yaml found for {target}; pass --config with the experiment YAML (for its data section)")
     cfg = load_config(ExperimentConfig, config_path, args.overrides)

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mtvision.cli.common import USAGE, parse, run_command
+from mtvision.cli.common import USAGE, find_run_config, parse, run_command
 from mtvision.errors import MTVisionError
 
 
@@ -138,13 +138,6 @@ def _delta(metrics, references, primary, higher) -> float | None:
         return None
 
 
-def _run_config(target: Path) -> Path | None:
-    for folder in (target, target.parent):
-        if (folder / "config.yaml").is_file():
-            return folder / "config.yaml"
-    return None
-
-
 def _run(args: argparse.Namespace) -> None:
     from mtvision import distributed as dist
     from mtvision.config import ExperimentConfig, load_config
@@ -158,7 +151,7 @@ def _run(args: argparse.Namespace) -> None:
     target = args.target
     if not target.exists():
         raise FileNotFoundError(f"{target} does not exist")
-    config_path = args.config or _run_config(target)
+    config_path = args.config or find_run_config(target)
     if config_path is None:
         raise MTVisionError(f"no config.yaml found for {target}; pass --config with the experiment YAML")
     cfg = load_config(ExperimentConfig, config_path, args.overrides)
