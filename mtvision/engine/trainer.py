@@ -13,7 +13,7 @@ import contextlib
 import signal
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from mtvision import visualize
 from mtvision.config import ExperimentConfig, OptimConfig, config_to_dict, save_config
 from mtvision.engine.benchmark import LastEpochsReport
 from mtvision.engine.checkpoint import CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state
-from mtvision.engine.data import RunData, build_run_data
+from mtvision.engine.data import RunData, build_run_data, eval_loader, evaluation_set
 from mtvision.engine.evaluator import evaluate, predict_panels
 from mtvision.engine.loggers import LoggerGroup, PredictionPanel, build_loggers, colour_pair, format_metrics_table
 from mtvision.engine.objective import MultiTaskObjective, build_objective, check_objective
@@ -447,6 +447,15 @@ def _log_pictures(run: Run, limit: int) -> None:
     visualize.save_png(str(run.out / "predictions.png"), visualize.image_grid(rows, titles=titles))
 
 
+def _plain_training_images(run: Run) -> Iterator[torch.Tensor]:
+    """The training split's images in order, with evaluation transforms (no augmentation), on the
+    run's device; the same batches on every rank.  Nothing is built until the first batch is asked."""
+    pre = run.core.config.preprocess
+    dataset, _ = evaluation_set(run.cfg.data, run.cfg.data.train_split, pre.mean, pre.std)
+    for batch in eval_loader(dataset, run.cfg.train.batch_size, run.cfg.data):
+        yield batch["image"].to(run.info.device, non_blocking=True)
+
+
 def _finish(run: Run) -> tuple[dict[str, dict[str, float]], Path]:
     """Report the test split with the weights `train.select` chooses, export the pretrained folder."""
     core, info = run.core, run.info
@@ -458,6 +467,9 @@ def _finish(run: Run) -> tuple[dict[str, dict[str, float]], Path]:
         which, alias = "last iteration: no validation gave a usable score, so no best checkpoint was chosen", "last"
     else:
         which, alias = "last iteration (train.select: last)", "last"
+    note = core.decoder.finish_training(_plain_training_images(run))
+    if note and info.is_main:
+        print(f"\n{note}", flush=True)
     with run.eval_progress(run.data.test, "test") as bar:
         test_metrics = evaluate(core, run.data.test, core.tasks, run.data.meter_info, info.device, run.cfg.train.amp, bar)
     pretrained = run.out / "model"

@@ -36,12 +36,12 @@ def slim_channels(channels: int, width: float) -> int:
 
 
 def check_widths(widths: Sequence[float]) -> tuple[float, ...]:
-    """`widths` sorted ascending, each in (0, 1], no repeats, the largest 1.0 (the full network)."""
+    """`widths` sorted ascending, each in (0, 1], no repeats.  The largest is usually 1.0 (the full
+    network); a grid below it (e.g. `[0.5]`) builds layers that run only at those widths, inside a
+    width context (outside one, the full width 1.0 is a SlimmableError)."""
     values = tuple(sorted(float(w) for w in widths))
     if not values or any(not 0.0 < w <= 1.0 for w in values) or len(set(values)) != len(values):
         raise SlimmableError(f"widths must be distinct multipliers in (0, 1], got {list(widths)}")
-    if values[-1] != 1.0:
-        raise SlimmableError(f"the widest width must be 1.0 (the full network), got {list(widths)}")
     return values
 
 

@@ -56,6 +56,29 @@ def test_tiny_training_run_logs_ci_kd_and_exports_a_controllable_model(run):
     assert all(r["train/regularizer/ci_kd"] > 0 for r in steps)  # the narrower encoders are taught
 
 
+def test_saved_model_carries_every_sub_networks_recalibrated_batch_norms(run):
+    """The trainer recalibrates every (encoder, decoder) width pair on the training split without
+    augmentation before it saves: doing it again on the same batches changes nothing."""
+    import torch
+
+    from mtvision.config import ExperimentConfig, load_config
+    from mtvision.engine.data import eval_loader, evaluation_set
+    from mtvision.models.decoders.controllable import recalibrate_all
+    from mtvision.models.pretrained import load_model
+
+    model = load_model(run / "model", device="cpu")
+    cfg = load_config(ExperimentConfig, run / "config.yaml")
+    pre = model.config.preprocess
+    dataset, _ = evaluation_set(cfg.data, cfg.data.train_split, pre.mean, pre.std)
+    batches = [b["image"] for b in eval_loader(dataset, cfg.train.batch_size, cfg.data)]
+    saved = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    assert recalibrate_all(model, batches) == 16
+    again = {k: v for k, v in model.state_dict().items() if "running" in k}
+    assert saved.keys() == again.keys() and len(saved) > 0
+    for k in saved:
+        torch.testing.assert_close(saved[k], again[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
 @pytest.mark.slow
 def test_tradeoff_tool_writes_five_points_within_budget_and_a_plot(run, capsys):
     assert tradeoff_main([str(run), "--split", "test", "--favour-each", "--device", "cpu"]) == 0

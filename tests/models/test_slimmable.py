@@ -29,9 +29,10 @@ def test_slim_channels_rounds_and_keeps_one():
     assert slim_channels(1, 0.25) == 1
 
 
-def test_widths_must_be_a_grid_ending_at_one():
+def test_widths_must_be_distinct_multipliers_in_the_unit_interval():
     assert check_widths([1.0, 0.5]) == (0.5, 1.0)
-    for bad in ([0.5, 0.75], [0.0, 1.0], [0.5, 0.5, 1.0], [1.5, 1.0], []):
+    assert check_widths([0.75, 0.5]) == (0.5, 0.75)  # a grid below the full network
+    for bad in ([0.0, 1.0], [0.5, 0.5, 1.0], [1.5, 1.0], [-0.5], []):
         with pytest.raises(SlimmableError):
             check_widths(bad)
 

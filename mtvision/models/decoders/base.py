@@ -35,7 +35,7 @@ statistics of the decoder's parameters (e.g. TAPS's open layers) for the loggers
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -120,3 +120,10 @@ class MultiTaskDecoder(nn.Module):
     def state_scalars(self) -> dict[str, float]:
         """Statistics of the decoder's own parameters for the loggers (none by default)."""
         return {}
+
+    def finish_training(self, images: Iterable[Tensor]) -> str | None:
+        """Called once by the trainer with the chosen final weights, before the test split is scored
+        and the model is saved; `images` are normalised training batches without augmentation (the
+        same on every rank).  Returns a line for the log, or None when the decoder does nothing
+        (the default)."""
+        return None

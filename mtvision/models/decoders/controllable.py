@@ -25,8 +25,9 @@ same features on the channels it keeps.  `kd_levels` picks L: every level the de
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -126,6 +127,13 @@ class ControllableDecoder(MultiTaskDecoder):
             the narrowest (the sandwich rule).
         kd_weight: weight of the CI-KD loss (0 turns it off).
         kd_levels: encoder levels CI-KD compares: "all" or "last".
+        calibrate_batches: when training ends, every sub-network's batch-norm statistics are
+            recomputed on this many training batches without augmentation (`recalibrate_all`), so
+            that the saved model serves any budget with statistics of its own (0: keep the
+            statistics training left).
+
+    A grid below 1.0 (e.g. `widths: [0.5]`, with `num_random: 0`) trains that one slim network
+    alone: the separately trained baseline a sub-network of the same widths is compared with.
     """
 
     def __init__(
@@ -138,6 +146,7 @@ class ControllableDecoder(MultiTaskDecoder):
         num_random: int = 2,
         kd_weight: float = 1.0,
         kd_levels: str = "all",
+        calibrate_batches: int = 20,
     ):
         super().__init__(tasks)
         self.widths = check_widths(widths)
@@ -147,7 +156,10 @@ class ControllableDecoder(MultiTaskDecoder):
             raise SlimmableError(f"unknown kd_levels {kd_levels!r} (valid: {', '.join(KD_LEVELS)})")
         if not (kd_weight >= 0 and math.isfinite(kd_weight)):
             raise SlimmableError(f"kd_weight must be a finite number >= 0, got {kd_weight}")
+        if isinstance(calibrate_batches, bool) or not isinstance(calibrate_batches, int) or calibrate_batches < 0:
+            raise SlimmableError(f"calibrate_batches must be an integer >= 0, got {calibrate_batches!r}")
         self.num_random, self.kd_weight, self.kd_levels = int(num_random), float(kd_weight), kd_levels
+        self.calibrate_batches = calibrate_batches
         self.backbone = make_backbone()
         if len(self.backbone.output_norms):
             raise SlimmableError("the controllable decoder needs backbone.output_norm: none (LayerNorms cannot be slimmed)")
@@ -178,10 +190,11 @@ class ControllableDecoder(MultiTaskDecoder):
         return WidthConfig(float(config.encoder), {**{t: float(w) for t, w in config.decoders.items()}, **missing})
 
     def sample_configs(self, tasks: Sequence[str], generator: torch.Generator | None = None) -> list[WidthConfig]:
-        """The sandwich rule's configurations of one training forward: widest, narrowest, then
-        `num_random` drawn uniformly (torch's generator, so seeded runs repeat)."""
+        """The sandwich rule's configurations of one training forward: widest, narrowest (unless the
+        grid has one width), then `num_random` drawn uniformly (torch's generator, so seeded runs
+        repeat)."""
         n = len(self.widths)
-        configs = [self.widest(), self.narrowest()]
+        configs = [self.widest(), self.narrowest()] if n > 1 else [self.widest()]
         for _ in range(self.num_random):
             draw = torch.randint(n, (1 + len(tasks),), generator=generator).tolist()
             configs.append(WidthConfig(self.widths[draw[0]], {t: self.widths[i] for t, i in zip(tasks, draw[1:])}))
@@ -250,6 +263,16 @@ class ControllableDecoder(MultiTaskDecoder):
     def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
         return self.decoders[task].parameters()
 
+    def finish_training(self, images: Iterable[Tensor]) -> str | None:
+        if self.calibrate_batches == 0:
+            return None
+        batches = list(itertools.islice(images, self.calibrate_batches))
+        if not batches:
+            return None
+        count = recalibrate_all(self, batches)
+        return (f"batch norms of all {count} (encoder width, decoder width) sub-networks recalibrated on "
+                f"{len(batches)} training batches")
+
 
 @torch.no_grad()
 def recalibrate_batch_norms(
@@ -260,9 +283,7 @@ def recalibrate_batch_norms(
     without augmentation), as slimmable networks do before a sub-network is evaluated (Yu & Huang,
     "Universally Slimmable Networks", ICCV 2019).  Only that configuration's copies change; the
     model's mode is restored.  Returns the number of batches used."""
-    decoder = model.decoder
-    if not isinstance(decoder, ControllableDecoder):
-        raise TypeError(f"batch-norm recalibration needs a controllable model, got decoder {type(decoder).__name__}")
+    decoder = _controllable(model)
     config = decoder.check_config(config)
     tasks = list(decoder.tasks if tasks is None else tasks)
     norms = decoder.batch_norms(config, tasks)  # only what the forwards below update
@@ -284,3 +305,24 @@ def recalibrate_batch_norms(
     if count == 0:
         raise ValueError("batch-norm recalibration needs at least one batch")
     return count
+
+
+def _controllable(model: nn.Module) -> ControllableDecoder:
+    decoder = model if isinstance(model, ControllableDecoder) else getattr(model, "decoder", None)
+    if not isinstance(decoder, ControllableDecoder):
+        name = type(model).__name__ if decoder is None else type(decoder).__name__
+        raise TypeError(f"batch-norm recalibration needs a controllable model, got {name}")
+    return decoder
+
+
+@torch.no_grad()
+def recalibrate_all(model: nn.Module, batches: Sequence[Tensor]) -> int:
+    """`recalibrate_batch_norms` for every sub-network of a controllable model (or its decoder) on
+    the same `batches`.  A decoder's batch norms depend only on its own width and the encoder's, so
+    the (encoder width, decoder width) pairs with every decoder at that width cover every copy.
+    Returns the number of pairs."""
+    decoder = _controllable(model)
+    for e in decoder.widths:
+        for d in decoder.widths:
+            recalibrate_batch_norms(model, WidthConfig(e, {t: d for t in decoder.tasks}), batches)
+    return len(decoder.widths) ** 2

@@ -17,6 +17,7 @@ from mtvision.models.decoders.controllable import (
     WidthConfig,
     ci_kd_loss,
     decoder_key,
+    recalibrate_all,
     recalibrate_batch_norms,
     use_config,
 )
@@ -180,8 +181,8 @@ def test_bad_configurations_and_options_are_clear():
     assert model.decoder.check_config(WidthConfig(0.5, {"semseg": 0.25})).decoders == {"semseg": 0.25, "depth": 1.0}
     with pytest.raises(SlimmableError, match="kd_levels"):
         _model(kd_levels="first")
-    with pytest.raises(SlimmableError, match="widest width must be 1.0"):
-        _model(widths=[0.25, 0.5])
+    with pytest.raises(SlimmableError, match="calibrate_batches"):
+        _model(calibrate_batches=-1)
     with pytest.raises(SlimmableError, match="cannot be slimmed"):
         create_model(backbone={"name": "test_vit", "kwargs": {"img_size": 64, "dynamic_img_size": True}},
                      decoder="controllable", tasks=TASKS, decoder_options=OPTIONS)
@@ -221,3 +222,61 @@ def test_batch_norm_recalibration_recomputes_only_the_chosen_configuration():
     assert torch.equal(semseg.running_mean, kept)
     with pytest.raises(ValueError, match="at least one batch"):
         recalibrate_batch_norms(model, config, [])
+
+
+def _all_copies(decoder: ControllableDecoder) -> list[nn.BatchNorm2d]:
+    return [bn for m in decoder.modules() if isinstance(m, SwitchableBatchNorm2d) for bn in m.copies.values()]
+
+
+def test_recalibrating_all_sub_networks_equals_recalibrating_each_alone():
+    batches = [torch.randn(2, 3, 32, 40, generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    model = _model().eval()
+    assert recalibrate_all(model, batches) == 16  # 4 encoder widths x 4 decoder widths
+    everyone = _all_copies(model.decoder)
+    assert all(int(bn.num_batches_tracked) == 2 for bn in everyone)  # every copy was recomputed
+    # a mixed configuration, recalibrated on its own from the uncalibrated model, gives the same
+    # statistics: each decoder's copies depend only on its width and the encoder's
+    config = WidthConfig(0.5, {"semseg": 1.0, "depth": 0.25})
+    alone = _model().eval()
+    recalibrate_batch_norms(alone, config, batches)
+    for a, b in zip(model.decoder.batch_norms(config, list(TASKS)), alone.decoder.batch_norms(config, list(TASKS))):
+        torch.testing.assert_close(a.running_mean, b.running_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.running_var, b.running_var, rtol=1e-5, atol=1e-6)
+    x = torch.randn(1, 3, 32, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(model.decoder.forward_config(x, list(TASKS), config).predictions["depth"],
+                                   alone.decoder.forward_config(x, list(TASKS), config).predictions["depth"])
+
+
+def test_finish_training_recalibrates_on_the_first_batches_only_when_asked():
+    batches = [torch.randn(2, 3, 32, 40, generator=torch.Generator().manual_seed(s)) for s in range(5)]
+    model = _model(calibrate_batches=3).eval()
+    note = model.decoder.finish_training(iter(batches))
+    assert "16" in note and "3 training batches" in note
+    reference = _model().eval()
+    recalibrate_all(reference, batches[:3])
+    for a, b in zip(_all_copies(model.decoder), _all_copies(reference.decoder)):
+        torch.testing.assert_close(a.running_var, b.running_var, rtol=1e-5, atol=1e-6)
+    off = _model(calibrate_batches=0)
+    before = [bn.running_mean.clone() for bn in _all_copies(off.decoder)]
+    assert off.decoder.finish_training(iter(batches)) is None
+    assert all(torch.equal(a, bn.running_mean) for a, bn in zip(before, _all_copies(off.decoder)))
+
+
+def test_a_one_width_grid_trains_that_slim_network_alone():
+    model = _model(widths=[0.5], num_random=0).train()
+    decoder = model.decoder
+    assert decoder.widest() == decoder.narrowest() == WidthConfig(0.5, {t: 0.5 for t in TASKS})
+    assert decoder.sample_configs(list(TASKS)) == [decoder.widest()]  # no duplicate narrowest
+    x = torch.randn(2, 3, 32, 40)
+    out = decoder(x, list(TASKS))
+    assert all(out.deep_supervision.get(t, []) == [] for t in TASKS)
+    assert float(out.regularizers[CI_KD]) == 0.0
+    with torch.no_grad():
+        ref = decoder.forward_config(x, list(TASKS), decoder.widest())
+    torch.testing.assert_close(out.predictions["semseg"], ref.predictions["semseg"])
+    # the sub-network is the 0.5 slice of every layer; the full width was never built
+    stem = next(m for m in decoder.backbone.modules() if isinstance(m, SwitchableBatchNorm2d))
+    assert [bn.num_features for bn in stem.copies.values()] == [slim_channels(stem.channels, 0.5)]
+    with pytest.raises(SlimmableError, match="not one the layers were built for"):
+        stem(torch.randn(1, stem.channels, 4, 4))  # outside a width context: full width
