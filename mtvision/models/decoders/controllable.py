@@ -270,7 +270,7 @@ class ControllableDecoder(MultiTaskDecoder):
         if not batches:
             return None
         count = recalibrate_all(self, batches)
-        return (f"batch norms of all {count} (encoder width, decoder width) sub-networks recalibrated on "
+        return (f"batch norms of every sub-network ({count} (encoder width, decoder width) pairs) recalibrated on "
                 f"{len(batches)} training batches")
 
 
