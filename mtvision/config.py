@@ -78,6 +78,10 @@ class DataConfig:
         seed: seed of the synthetic scenes and of data shuffling.
         num_workers: data-loader worker processes per training process.
         pin_memory: pinned host memory for batches (worth enabling when training on CUDA).
+        assumed_hfov: for datasets without camera intrinsics (PASCAL-Context), the horizontal field
+            of view in degrees of a pinhole camera assumed for every image (principal point at the
+            centre, square pixels), so that the 3D-aware regulariser can cast rays; samples with
+            their own intrinsics keep them.  None (default): no camera is assumed.
     """
 
     dataset: str = "synthetic"
@@ -98,6 +102,7 @@ class DataConfig:
     seed: int = 0
     num_workers: int = 2
     pin_memory: bool = False
+    assumed_hfov: float | None = None
 
     def validate(self) -> None:
         """Raise ConfigError (UnknownNameError for tasks) on inconsistent values."""
@@ -122,6 +127,8 @@ class DataConfig:
         _check(0 < self.cat_max_ratio <= 1, f"data.cat_max_ratio must be in (0, 1], got {self.cat_max_ratio}")
         _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
         _check(0 <= self.holdout_fraction < 1, f"data.holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
+        _check(self.assumed_hfov is None or 0 < self.assumed_hfov < 180,
+               f"data.assumed_hfov must be null or in (0, 180) degrees, got {self.assumed_hfov}")
         splits = {self.train_split, self.test_split}
         if self.holdout_fraction == 0 and self.val_split is not None:
             splits.add(self.val_split)

@@ -398,3 +398,12 @@ def test_train_config_direct_construction():
     TrainConfig(epochs=1).validate()
     with pytest.raises(ConfigError):
         TrainConfig(epochs=1, iterations=1).validate()
+
+
+def test_an_assumed_field_of_view_must_be_an_angle_below_180_degrees():
+    from mtvision.config import DataConfig
+
+    DataConfig(assumed_hfov=55.0).validate()
+    for bad in (0.0, 180.0, -10.0):
+        with pytest.raises(ConfigError, match="assumed_hfov"):
+            DataConfig(assumed_hfov=bad).validate()

@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from mtvision.data.camera import INTRINSICS_KEY, assumed_intrinsics
 from mtvision.data.sample import to_sample, validate_raw
 from mtvision.errors import DatasetError, unknown_name
 from mtvision.tasks import TASKS, Task, resolve_tasks
@@ -27,6 +28,9 @@ class MultiTaskDataset(torch.utils.data.Dataset):
     default_tasks: ClassVar[tuple[str, ...] | None] = None
     num_classes: ClassVar[Mapping[str, int]] = {}
     boundary_tolerance: ClassVar[float] = 0.011
+    assumed_hfov: float | None = None
+    """Horizontal field of view (degrees) of the pinhole camera assumed for samples that carry no
+    intrinsics of their own (`mtvision.data.camera.assumed_intrinsics`); None: none is assumed."""
 
     def __init__(self, tasks: Sequence[str] | None = None, transform: RawTransform | None = None) -> None:
         default = self.available_tasks if self.default_tasks is None else self.default_tasks
@@ -61,6 +65,8 @@ class MultiTaskDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range for {type(self).__name__} of length {len(self)}")
         index = index % len(self)
         raw = self.load_raw(index)
+        if self.assumed_hfov is not None and isinstance(raw.get("meta"), dict) and INTRINSICS_KEY not in raw["meta"]:
+            raw["meta"][INTRINSICS_KEY] = assumed_intrinsics(raw["image"].shape[:2], self.assumed_hfov)
         validate_raw(raw, source=f"{type(self).__name__} sample {self.sample_id(index)!r}")
         return self.transform(raw) if self.transform is not None else to_sample(raw)
 

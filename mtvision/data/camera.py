@@ -21,6 +21,7 @@ seen by the camera whose K is the resized one.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -107,6 +108,16 @@ def nyud_intrinsics(size: Sequence[int]) -> np.ndarray | None:
         return None
     top, left = NYUD_CROPS[key]
     return crop_intrinsics(intrinsics_matrix(*NYUD_KINECT), top, left)
+
+
+def assumed_intrinsics(size: Sequence[int], hfov: float) -> np.ndarray:
+    """The camera matrix of an image of `size` (H, W) taken by an assumed pinhole camera with a
+    horizontal field of view of `hfov` degrees: square pixels, principal point at the image centre."""
+    if not 0.0 < hfov < 180.0:
+        raise ValueError(f"a horizontal field of view must be in (0, 180) degrees, got {hfov}")
+    h, w = float(size[0]), float(size[1])
+    f = 0.5 * w / math.tan(math.radians(hfov) / 2.0)
+    return intrinsics_matrix(f, f, 0.5 * w, 0.5 * h)
 
 
 def batch_intrinsics(metas: Sequence[Mapping[str, Any]] | None) -> torch.Tensor | None:

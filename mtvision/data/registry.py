@@ -40,5 +40,9 @@ def get_dataset(name: str) -> type[MultiTaskDataset]:
 
 def make_dataset(cfg: Any, split: str, transform: Any = None) -> MultiTaskDataset:
     """The dataset of `split` that the data config `cfg` (a `DataConfig`) names, with `transform`
-    (None: raw samples)."""
-    return get_dataset(cfg.dataset).from_config(cfg, split, transform)
+    (None: raw samples), assuming `cfg.assumed_hfov` for samples without intrinsics when set."""
+    dataset = get_dataset(cfg.dataset).from_config(cfg, split, transform)
+    hfov = getattr(cfg, "assumed_hfov", None)
+    if hfov is not None:
+        dataset.assumed_hfov = float(hfov)
+    return dataset

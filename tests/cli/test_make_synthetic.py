@@ -45,7 +45,7 @@ def test_unknown_layout_is_refused(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "recipe",
-    ["hps_vitl16_512x512", "invpt_vitl16_512x512", "mmoe_vitl16_512x512", "taps_resnet18_512x512",
+    ["hps_vitl16_512x512", "hps_vitl16_512x512_3d", "invpt_vitl16_512x512", "mmoe_vitl16_512x512", "taps_resnet18_512x512",
      "taskexpert_vitl16_512x512"],
 )
 def test_pascal_recipe_trains_and_evaluates_on_the_synthetic_pascal_tree(tmp_path, recipe):

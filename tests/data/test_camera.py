@@ -139,3 +139,13 @@ def test_synthetic_intrinsics_are_the_ray_casters():
     assert np.median(angles(wrong)) > 1.0
     sample = SyntheticScenes(1, 32, 40, seed=1, tasks=["depth"])[0]
     assert sample["meta"]["intrinsics"].shape == (3, 3)
+
+
+def test_an_assumed_camera_from_a_field_of_view():
+    K = C.assumed_intrinsics((300, 400), 90.0)  # tan(45°) = 1: the focal length is half the width
+    np.testing.assert_allclose(K, [[200.0, 0.0, 200.0], [0.0, 200.0, 150.0], [0.0, 0.0, 1.0]], atol=1e-9)
+    K = C.assumed_intrinsics((100, 100), 60.0)
+    assert K[0, 0] == pytest.approx(50.0 / np.tan(np.radians(30.0))) and K[0, 0] == K[1, 1]
+    for bad in (0.0, 180.0, -5.0):
+        with pytest.raises(ValueError, match="field of view"):
+            C.assumed_intrinsics((10, 10), bad)

@@ -209,3 +209,24 @@ def test_thin_preserves_topology_of_a_thick_ring():
     assert cv2.connectedComponents((~out).astype(np.uint8), connectivity=4)[0] - 1 == 2  # outside + the hole
     # one pixel wide: no 2 x 2 block of foreground survives
     assert not (out[:-1, :-1] & out[1:, :-1] & out[:-1, 1:] & out[1:, 1:]).any()
+
+
+def test_an_assumed_camera_gives_pascal_samples_intrinsics_that_follow_the_transforms(pascal_tree, builders):
+    from mtvision.config import DataConfig
+    from mtvision.data import camera as C
+    from mtvision.data.registry import make_dataset
+
+    root, _ = pascal_tree()
+    plain = make_dataset(DataConfig(dataset="pascal", root=str(root), tasks=["semseg"]), "train")
+    assert "intrinsics" not in plain[0]["meta"]  # no camera unless one is assumed
+    cfg = DataConfig(dataset="pascal", root=str(root), tasks=["semseg"], assumed_hfov=55.0)
+    raw_size = (builders.H, builders.W)
+    sample = make_dataset(cfg, "train")[0]
+    np.testing.assert_allclose(sample["meta"]["intrinsics"], C.assumed_intrinsics(raw_size, 55.0))
+    # the transforms move it with the pixels: resized to twice the size, it doubles
+    from mtvision.data import transforms as T
+
+    big = make_dataset(cfg, "train", T.Compose([T.Resize(2 * builders.H, 2 * builders.W), T.ToSample()]))[0]
+    expected = C.resize_intrinsics(C.assumed_intrinsics(raw_size, 55.0), raw_size, (2 * builders.H, 2 * builders.W))
+    np.testing.assert_allclose(np.asarray(big["meta"]["intrinsics"]), expected, atol=1e-6)
+    assert expected[0, 0] == pytest.approx(2 * C.assumed_intrinsics(raw_size, 55.0)[0, 0])

@@ -199,7 +199,7 @@ def test_the_render_grid_covers_the_image_at_the_feature_stride():
 def test_missing_intrinsics_are_a_clear_error():
     model = make({})
     model.train()
-    with pytest.raises(IntrinsicsError, match="needs each training sample's camera intrinsics"):
+    with pytest.raises(IntrinsicsError, match="needs each training sample's camera intrinsics.*data.assumed_hfov"):
         model(torch.randn(2, 3, 32, 40))
     objective = build_objective(model, list(TASKS), optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     batch = {"image": torch.randn(2, 3, 32, 40), "semseg": torch.zeros(2, 32, 40, dtype=torch.long),

@@ -18,15 +18,17 @@ Learning strategies (`strategy`):
   per-task heads (emitted as deep supervision, so the task's own loss trains them), while each task's
   gated prediction reads the public representation as a fixed input (no gradient): task t's private
   encoder, gate and decoder minimise L_t alone.  For any public encoder, alpha_t = 0 is the
-  single-task model, so each task's own optimum is never worse than its single-task one.
+  single-task model, so each task's own optimum is never worse than its single-task one.  (The
+  authors' release has no individual-learning code; this is mtvision's reading of the strategy.)
 
 The scalable extension (DSMTL-AL, "compact") learns which backbone stages need a private copy:
 
 - `search: true` gives every task a private copy of every stage and a binary choice per (task,
   stage) between its copy and the public stage output, z_t^s = c * E_t^s(z_t^(s-1)) + (1 - c) * P^s,
   with c drawn by a straight-through hard Gumbel-softmax over (1 - p, p), p = sigmoid(b_ts), at
-  temperature `search_tau` (the authors' lite gate: tau 0.1, p = 0.5 at start); in eval mode c is
-  [p >= 0.5] and unchosen copies are not run.
+  temperature `search_tau` (the form of the authors' release's lite gate, tau 0.1, p = 0.5 at start,
+  which there picks public or private once per task for the whole encoder; per stage is mtvision's
+  extension); in eval mode c is [p >= 0.5] and unchosen copies are not run.
 - `private_stages: {task: [stage, ...]}` builds only those copies (the compact architecture);
   `derive_private_stages` reads the choice off a searched model and `compact_model` prunes it to
   that architecture with the same weights (identical eval outputs).

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mtvision.errors import MTVisionError
 from mtvision.models import saving
 from mtvision.models.config import ModelConfig
 from mtvision.models.decoders.base import ModelOutput, MultiTaskDecoder
@@ -41,7 +42,7 @@ PROBE_SIZE = (64, 64)
 `input_size` (and the regulariser no `in_channels`)."""
 
 
-class IntrinsicsError(ValueError):
+class IntrinsicsError(MTVisionError, ValueError):
     """The 3D-aware regulariser was asked to train without camera intrinsics."""
 
 
@@ -49,8 +50,8 @@ def missing_intrinsics(where: str) -> IntrinsicsError:
     return IntrinsicsError(
         f"{where}: the 3D-aware regulariser (model.regularizer3d) needs each training sample's camera intrinsics "
         "(meta['intrinsics'], a 3 x 3 camera matrix) and this batch has none. The synthetic scenes and NYUD-v2 "
-        "(425 x 560 and 480 x 640 images) provide them; for another dataset, add them to its samples' meta, or set "
-        "model.regularizer3d: null"
+        "(425 x 560 and 480 x 640 images) provide them; for a dataset without them (PASCAL-Context), assume a camera "
+        "with data.assumed_hfov (degrees), add them to its samples' meta, or set model.regularizer3d: null"
     )
 
 
