@@ -2,9 +2,10 @@
 
 The constraints are a compute budget (FLOPs of one image, `mtvision/search/flops.py`'s count) and a
 task preference vector p (non-negative weights, normalised to sum to 1; tasks left out weigh 0).
-The search follows the key rule of Aich et al. (ICCV 2023): the preference sets the decoders, a
-more preferred task getting the wider decoder, and the budget is met by choosing the encoder
-width jointly with an overall decoder level:
+The search follows the key rule of Aich et al. (ICCV 2023), the only part of their search their
+abstract states: the preference sets the decoders, a more preferred task getting the wider
+decoder, and the budget is met by choosing the encoder width jointly.  The procedure below is
+mtvision's (it scores by FLOPs only, no accuracy table):
 
 1. decoder widths at level λ > 0: task t gets the widest grid width not above
    max(w_min, min(1, λ · p_t / max_s p_s)), so a more preferred task's decoder is never narrower

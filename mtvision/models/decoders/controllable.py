@@ -20,6 +20,11 @@ where F_l(a) are the encoder's output features of level l under configuration a,
 channels and sg stops the gradient: the widest encoder teaches every narrower one to produce the
 same features on the channels it keeps.  `kd_levels` picks L: every level the decoders read
 ("all") or the deepest one ("last").
+
+The paper's text past its abstract could not be read and no code of it was found: that the widest
+encoder teaches the narrower ones and that encoder and decoders are slimmed independently is the
+paper's; the sandwich sampling, the width grid, the switchable batch norms, the distance (mean
+squared error on the kept channels) and its weight are mtvision's choices.
 """
 
 from __future__ import annotations
