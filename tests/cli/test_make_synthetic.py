@@ -1,5 +1,5 @@
-"""mtv-make-synthetic as a user runs it: the help's examples, and shipped PASCAL recipes trained end to end
-on the PASCAL-Context layout it writes."""
+"""mtv-make-synthetic as a user runs it: the help's examples, and shipped PASCAL and NYUD recipes trained
+end to end on the layouts it writes."""
 
 from __future__ import annotations
 
@@ -45,8 +45,9 @@ def test_unknown_layout_is_refused(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "recipe",
-    ["hps_vitl16_512x512", "hps_vitl16_512x512_3d", "invpt_vitl16_512x512", "mmoe_vitl16_512x512", "taps_resnet18_512x512",
-     "taskexpert_vitl16_512x512"],
+    ["hps_vitl16_512x512", "hps_vitl16_512x512_3d", "invpt_vitl16_512x512", "invpt_vitl16_512x512_3d",
+     "mmoe_vitl16_512x512", "taps_resnet18_512x512", "taskexpert_vitl16_512x512", "dsmtl_resnet18_512x512",
+     "dsmtl_compact_resnet18_512x512", "controllable_resnet34_512x512"],
 )
 def test_pascal_recipe_trains_and_evaluates_on_the_synthetic_pascal_tree(tmp_path, recipe):
     root = tmp_path / "PASCAL_MT"
@@ -63,3 +64,31 @@ def test_pascal_recipe_trains_and_evaluates_on_the_synthetic_pascal_tree(tmp_pat
     report = json.loads(out.read_text())
     assert set(report["metrics"]) == PASCAL_TASKS
     assert report["split"] == "val"  # the recipes' test split is PASCAL's official val list
+
+
+@pytest.fixture(scope="module")
+def nyud_tree(tmp_path_factory):
+    """A synthetic NYUD-v2 tree at the releases' 425 x 560, the size whose Kinect camera is known."""
+    root = tmp_path_factory.mktemp("nyud") / "NYUDv2"
+    argv = ["--out", str(root), "--num", "6", "--height", "425", "--width", "560", "--seed", "3",
+            "--val-fraction", "0.34", "--no-progress", "--preview-rows", "0"]
+    assert make_main(argv) == 0
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "recipe",
+    ["dsmtl_resnet50_448x576", "dsmtl_compact_resnet50_448x576", "hps_vitl16_448x576_3d", "invpt_vitl16_448x576_3d",
+     "controllable_resnet34_448x576"],
+)
+def test_nyud_recipe_trains_and_evaluates_on_the_synthetic_nyud_tree(tmp_path, nyud_tree, recipe):
+    run = tmp_path / "run"
+    config = str(REPO / "configs" / "nyud" / f"{recipe}.yaml")
+    tiny = [o for o in TINY_OVERRIDES if not o.startswith(("data.height", "data.width"))]  # the recipe's 448x576
+    assert train_main([config, "--device", "cpu", f"output_dir={run}", f"data.root={nyud_tree}", *tiny]) == 0
+    saved = json.loads((run / "model" / "config.json").read_text())
+    assert set(saved["tasks"]) == {"semseg", "depth", "normals", "edge"}
+    out = tmp_path / "metrics.json"
+    assert eval_main([str(run), "--split", "test", "--out", str(out), "--device", "cpu"]) == 0
+    assert set(json.loads(out.read_text())["metrics"]) == {"semseg", "depth", "normals", "edge"}
