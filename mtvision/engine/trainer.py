@@ -326,7 +326,8 @@ def setup_run(
     )
     closing.callback(run.loggers.close)
     if info.is_main:
-        print(f"mtvision: {cfg.data.dataset} {cfg.data.tasks} | {model_cfg.backbone.name} + {model_cfg.decoder} | "
+        extra = " + 3D-aware regulariser (training only)" if model_cfg.regularizer3d is not None else ""
+        print(f"mtvision: {cfg.data.dataset} {cfg.data.tasks} | {model_cfg.backbone.name} + {model_cfg.decoder}{extra} | "
               f"{steps} steps ({steps_per_epoch}/epoch) | {info.world_size} process(es) on {dev} | output {out}", flush=True)
     return run
 
