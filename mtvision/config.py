@@ -21,7 +21,7 @@ from mtvision.config_io import (
 from mtvision.data.registry import DATASETS
 from mtvision.errors import UnknownNameError, closest
 from mtvision.models.config import ModelConfig
-from mtvision.tasks import get_task
+from mtvision.tasks import get_task, with_loss
 
 __all__ = [
     "CalibrationConfig",
@@ -236,6 +236,10 @@ class OptimConfig:
             parameters without weight decay.
         loss_weights: fixed per-task loss multipliers (tasks not listed get 1.0), applied before
             the weighting method.
+        task_losses: per task, a variant of its loss from `mtvision.tasks.LOSS_VARIANTS` (normals:
+            "cosine", the default 1 - cos; "l1", the InvPT-family releases' L1 of the unit
+            prediction summed over components; "l1_mean", the PAD-Net / MTI-Net releases' mean over
+            components).
         weighting: the loss-weighting method (default EW).
         calibration: the gradient-calibration method (default none).
     """
@@ -255,6 +259,7 @@ class OptimConfig:
     grad_clip: float | None = None
     decay_norm_and_bias: bool = False
     loss_weights: dict[str, float] = field(default_factory=dict)
+    task_losses: dict[str, str] = field(default_factory=dict)
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
@@ -423,3 +428,12 @@ class ExperimentConfig:
                 hint = closest(task, self.data.tasks)
                 extra = f"; did you mean {hint!r}?" if hint else ""
                 raise ConfigError(f"optim.loss_weights names task {task!r}, which is not in data.tasks{extra}")
+        for task, variant in self.optim.task_losses.items():
+            if task not in self.data.tasks:
+                hint = closest(task, self.data.tasks)
+                extra = f"; did you mean {hint!r}?" if hint else ""
+                raise ConfigError(f"optim.task_losses names task {task!r}, which is not in data.tasks{extra}")
+            try:
+                with_loss(get_task(task), variant)
+            except (ValueError, UnknownNameError) as exc:
+                raise ConfigError(f"optim.task_losses: {exc}") from exc

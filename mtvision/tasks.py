@@ -81,6 +81,19 @@ def normals_pixels(pred: Tensor, target: Tensor) -> Tensor:
     return 1.0 - (F.normalize(pred, dim=1) * target).sum(dim=1)
 
 
+def normals_l1_pixels(pred: Tensor, target: Tensor) -> Tensor:
+    """Per-pixel L1 distance between the L2-normalised prediction and gt, summed over the three
+    components (N x H x W): the InvPT / TaskPrompter / MTMamba releases' normals loss (ATRC's
+    `L1Loss(normalize=True)`), whose mean runs over valid pixels."""
+    return (F.normalize(pred, dim=1) - target).abs().sum(dim=1)
+
+
+def normals_l1_mean_pixels(pred: Tensor, target: Tensor) -> Tensor:
+    """`normals_l1_pixels` / 3: the mean over valid *components* of the PAD-Net / MTI-Net / M3ViT
+    releases' `NormalsLoss(normalize=True, norm=1)` (and DSMTL's PASCAL code)."""
+    return normals_l1_pixels(pred, target) / 3.0
+
+
 def balanced_edge_pixels(pred: Tensor, target: Tensor, pos_weight: float = EDGE_POS_WEIGHT) -> Tensor:
     """Per-pixel balanced BCE on logits: w on positives, 1 - w on negatives (w = 0.95)."""
     y = torch.where(target != IGNORE_INDEX, target, torch.zeros_like(target))
@@ -99,6 +112,19 @@ def saliency_pixels(pred: Tensor, target: Tensor) -> Tensor:
     w_salient = (~salient).sum() / salient.numel()
     weight = torch.where(salient, w_salient, 1.0 - w_salient)
     return weight * F.cross_entropy(pred, salient[:, 0].long(), reduction="none")[:, None]
+
+
+def saliency_balanced_pixels(pred: Tensor, target: Tensor) -> Tensor:
+    """Per-pixel class-balanced saliency loss on one logit or two: salient pixels weighted by the
+    batch's share of background pixels, background pixels by the share of salient ones.  On one
+    logit it is the PAD-Net / MTI-Net / M3ViT releases' `BalancedCrossEntropyLoss`, and, on the
+    logit l1 - l0 of a two-logit head, the InvPT-family releases' balanced 2-class cross-entropy."""
+    if pred.shape[1] == 2:
+        return saliency_pixels(pred, target)
+    salient = target.float() > 0.5
+    w_salient = (~salient).sum() / salient.numel()
+    weight = torch.where(salient, w_salient, 1.0 - w_salient)
+    return weight * F.binary_cross_entropy_with_logits(pred, salient.to(pred.dtype), reduction="none")
 
 
 def segmentation_loss(pred: Tensor, target: Tensor) -> Tensor:
@@ -349,6 +375,23 @@ def resolve_tasks(names: list[str] | tuple[str, ...], num_classes: Mapping[str, 
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate task names in {list(names)}")
     return {n: get_task(n, num_classes.get(n)) for n in names}
+
+
+LOSS_VARIANTS: dict[str, dict[str, Callable[[Tensor, Tensor], Tensor]]] = {
+    "normals": {"cosine": normals_pixels, "l1": normals_l1_pixels, "l1_mean": normals_l1_mean_pixels},
+    "saliency": {"standard": saliency_pixels, "balanced": saliency_balanced_pixels},
+}
+"""Per task, the per-pixel losses `optim.task_losses` can choose (the first: the task's default)."""
+
+
+def with_loss(task: Task, variant: str) -> Task:
+    """`task` with its per-pixel loss replaced by the named variant of `LOSS_VARIANTS`."""
+    variants = LOSS_VARIANTS.get(task.name, {})
+    if variant not in variants:
+        if not variants:
+            raise ValueError(f"task {task.name!r} has no loss variants (tasks with variants: {', '.join(LOSS_VARIANTS)})")
+        raise unknown_name(f"loss variant of task {task.name!r}", variant, variants)
+    return dataclasses.replace(task, pixel_loss=variants[variant])
 
 
 def list_tasks() -> list[str]:

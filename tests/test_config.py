@@ -407,3 +407,15 @@ def test_an_assumed_field_of_view_must_be_an_angle_below_180_degrees():
     for bad in (0.0, 180.0, -10.0):
         with pytest.raises(ConfigError, match="assumed_hfov"):
             DataConfig(assumed_hfov=bad).validate()
+
+
+def test_task_losses_name_a_trained_task_and_a_known_variant():
+    from mtvision.config import ExperimentConfig
+
+    base = {"data": {"tasks": ["semseg", "normals"]}, "train": {"iterations": 10}}
+    cfg = from_dict(ExperimentConfig, {**base, "optim": {"task_losses": {"normals": "l1"}}})
+    cfg.validate()
+    for losses, pattern in (({"normal": "l1"}, "did you mean 'normals'"), ({"normals": "l3"}, "l3"),
+                            ({"semseg": "l1"}, "no loss variants")):
+        with pytest.raises(ConfigError, match=pattern):
+            from_dict(ExperimentConfig, {**base, "optim": {"task_losses": losses}}).validate()

@@ -53,6 +53,34 @@ def test_normals_loss_is_one_minus_cosine_over_valid_pixels():
     assert T.normals_loss(pred, target).item() == pytest.approx(0.5)
 
 
+def test_the_releases_l1_normals_losses_by_hand():
+    pred = torch.zeros(1, 3, 1, 3)
+    pred[0, :, 0, 0] = torch.tensor([2.0, 0, 0])  # same direction as gt, unnormalised: 0
+    pred[0, :, 0, 1] = torch.tensor([0.0, 3.0, 0])  # unit (0, 1, 0) against (1, 0, 0): |−1| + |1| = 2
+    pred[0, :, 0, 2] = torch.tensor([1.0, 1.0, 1.0])  # gt invalid: ignored
+    target = torch.zeros(1, 3, 1, 3)
+    target[0, 0, 0, :2] = 1
+    l1 = T.with_loss(T.get_task("normals"), "l1")
+    l1_mean = T.with_loss(T.get_task("normals"), "l1_mean")
+    assert l1.loss(pred, target).item() == pytest.approx((0 + 2) / 2)  # summed over components, mean over pixels
+    assert l1_mean.loss(pred, target).item() == pytest.approx((0 + 2) / 6)  # mean over the 6 valid components
+    # the releases' own formulas on the same tensors (their ignore label 255 marks the invalid pixel)
+    released = target.clone()
+    released[0, :, 0, 2] = 255
+    mask = (released != 255).all(dim=1, keepdim=True)
+    unit = torch.nn.functional.normalize(pred, dim=1)
+    atrc = torch.nn.functional.l1_loss(unit.masked_select(mask), released.masked_select(mask), reduction="sum") / mask.sum()
+    assert l1.loss(pred, target).item() == pytest.approx(atrc.item())
+    element_mask = released != 255
+    vandenhende = (unit - released).abs().masked_select(element_mask).sum() / element_mask.sum()
+    assert l1_mean.loss(pred, target).item() == pytest.approx(vandenhende.item())
+    assert T.with_loss(T.get_task("normals"), "cosine").loss(pred, target).item() == pytest.approx(0.5)
+    with pytest.raises(UnknownNameError, match="l2"):
+        T.with_loss(T.get_task("normals"), "l2")
+    with pytest.raises(ValueError, match="no loss variants"):
+        T.with_loss(T.get_task("depth"), "l1")
+
+
 def test_balanced_edge_loss_weights_positives_095():
     pred = torch.tensor([[[[0.0, 0.0, 3.0]]]])
     target = torch.tensor([[[[1.0, 0.0, 255.0]]]])
@@ -67,6 +95,28 @@ def test_balanced_edge_loss_weights_positives_095():
 def test_saliency_loss_is_bce():
     pred = torch.tensor([[[[0.0]]]])
     assert T.saliency_loss(pred, torch.ones(1, 1, 1, 1)).item() == pytest.approx(math.log(2))
+
+
+def test_balanced_saliency_loss_equals_the_releases_on_one_logit_and_on_two():
+    g = torch.Generator().manual_seed(0)
+    target = (torch.rand(2, 1, 4, 5, generator=g) > 0.7).float()
+    logit = torch.randn(2, 1, 4, 5, generator=g)
+    balanced = T.with_loss(T.get_task("saliency"), "balanced")
+    # hand formula: positives weighted by the share of negatives, negatives by the share of positives
+    pos = target.sum() / target.numel()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logit, target, reduction="none")
+    expected = ((1 - pos) * (bce * target).sum() + pos * (bce * (1 - target)).sum()) / target.numel()
+    assert balanced.loss(logit, target).item() == pytest.approx(expected.item(), rel=1e-6)
+    # the PAD-Net / MTI-Net release's BalancedCrossEntropyLoss, its stable log-sum formula
+    gt_zero = (logit >= 0).float()
+    val = logit * (target - gt_zero) - torch.log(1 + torch.exp(logit - 2 * logit * gt_zero))
+    w = (1 - target).sum() / target.numel()
+    vandenhende = (w * (-(target * val)).sum() + (1 - w) * (-((1 - target) * val)).sum()) / target.numel()
+    assert balanced.loss(logit, target).item() == pytest.approx(vandenhende.item(), rel=1e-6)
+    # two logits (l0, l1) with l1 - l0 = the one logit: the InvPT family's balanced 2-class cross-entropy
+    two = torch.cat([torch.zeros_like(logit), logit], dim=1)
+    assert balanced.loss(two, target).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert T.with_loss(T.get_task("saliency"), "standard").loss(logit, target).item() == pytest.approx(bce.mean().item())
 
 
 def test_decoders():

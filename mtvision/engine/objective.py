@@ -67,7 +67,7 @@ from mtvision.optim.gradients import (
 )
 from mtvision.optim.sam import SharpnessAwareCalibrator
 from mtvision.optim.weighting import LossWeighting, make_weighting
-from mtvision.tasks import Task
+from mtvision.tasks import Task, with_loss
 
 
 def compute_losses(
@@ -496,14 +496,20 @@ def build_objective(
     calibration_options: Mapping[str, Any] | None = None,
     loss_weights: Mapping[str, float] | None = None,
     sam_rho: float | None = None,
+    task_losses: Mapping[str, str] | None = None,
     **runtime: Any,
 ) -> MultiTaskObjective:
-    """The objective a config describes, for the (unwrapped) multi-task `model`; `runtime` holds
-    `step`'s keyword arguments (optimizer, scaler, grad_clip, amp, device, channels_last)."""
+    """The objective a config describes, for the (unwrapped) multi-task `model`; `task_losses` swaps
+    tasks' losses for named variants (`mtvision.tasks.with_loss`); `runtime` holds `step`'s keyword
+    arguments (optimizer, scaler, grad_clip, amp, device, channels_last)."""
     method = make_weighting(weighting, list(tasks), **dict(weighting_options or {}))
     calibrator = (
         make_calibrator(model, calibration, level, sam_rho=sam_rho, **dict(calibration_options or {})) if calibration else None
     )
     model_tasks = getattr(model, "tasks", {})
     task_records = {t: model_tasks[t] for t in tasks if t in model_tasks}
+    for t, variant in (task_losses or {}).items():
+        if t not in task_records:
+            raise ValueError(f"task_losses names task {t!r}, which the objective does not train ({list(task_records)})")
+        task_records[t] = with_loss(task_records[t], variant)
     return MultiTaskObjective(method, calibrator, loss_weights, core=model, tasks=task_records, **runtime)

@@ -294,7 +294,7 @@ def setup_run(
     scaler = torch.amp.GradScaler(dev.type, enabled=tc.amp == "fp16")
     objective = build_objective(
         core, cfg.data.tasks, o.weighting.method, o.weighting.options, o.calibration.method, o.calibration.level,
-        o.calibration.options, o.loss_weights, o.calibration.sam_rho,
+        o.calibration.options, o.loss_weights, o.calibration.sam_rho, o.task_losses,
         scaler=scaler, grad_clip=o.grad_clip, amp=tc.amp, device=dev, channels_last=tc.channels_last,
     )
     objective.weighting.to(dev)

@@ -70,3 +70,18 @@ def test_equal_weighting_calibration_hands_the_model_the_weightings_own_gradient
     scale = max(float(v.abs().max()) for v in want.values())
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6 * scale)
+
+
+def test_task_losses_swap_the_loss_the_objective_trains():
+    from mtvision.models.registry import create_model
+    from mtvision.tasks import with_loss
+
+    torch.manual_seed(0)
+    model = create_model(backbone="test_resnet", decoder="hps", tasks={"depth": None, "normals": None},
+                         decoder_options={"neck_channels": 8, "head_channels": 8})
+    objective = build_objective(model, ["depth", "normals"], task_losses={"normals": "l1"})
+    assert objective.tasks["normals"].pixel_loss is with_loss(model.tasks["normals"], "l1").pixel_loss
+    assert objective.tasks["depth"] is model.tasks["depth"]
+    assert model.tasks["normals"].pixel_loss is not objective.tasks["normals"].pixel_loss  # the model's own is kept
+    with pytest.raises(ValueError, match="does not train"):
+        build_objective(model, ["depth"], task_losses={"normals": "l1"})
