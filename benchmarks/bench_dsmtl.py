@@ -1,0 +1,62 @@
+"""DSMTL and DSMTL-compact against the single-task networks, HPS and PAD-Net (the best earlier row) on
+the synthetic scenes, at the budget of `benchmarks/bench_optim_quality.py` (whose runs are reused:
+`--suite decoders --methods HPS PAD-Net DSMTL-compact DSMTL` trains the same folders).
+
+    python benchmarks/bench_dsmtl.py [--seeds 0 1 2] [--jobs 2] [--out runs/optim_quality]
+
+Every run's test split is scored with today's metric code; Δm% against the seed-matched single-task
+runs; GFLOPs per 96x128 image of each saved (eval-mode) model, mean over seeds (DSMTL-compact's
+depends on the stages each seed's search kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_optim_quality import CONFIG, DECODERS, TASKS, rescore, run_all, test_metrics  # noqa: E402
+from bench_regularizer3d import single_jobs  # noqa: E402
+from safe_mtl_table import header, model_gflops, references, row  # noqa: E402
+
+ROWS = {  # name -> (overrides, run folder prefix)
+    "HPS": (DECODERS["HPS"], "EW"),
+    "PAD-Net (as released)": (DECODERS["PAD-Net"], "decoder-PAD-Net"),
+    "DSMTL (joint learning)": (DECODERS["DSMTL"], "decoder-DSMTL"),
+    "DSMTL-compact (searched stages)": (DECODERS["DSMTL-compact"], "decoder-DSMTL-compact"),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--out", default="runs/optim_quality")
+    args = parser.parse_args()
+    root = Path(args.out)
+    jobs = single_jobs(root, args.seeds)
+    for name, (overrides, folder) in ROWS.items():
+        for s in args.seeds:
+            jobs[(name, s)] = ([*overrides, f"train.seed={s}"], root / f"{folder}-s{s}", CONFIG)
+    print(f"{len(jobs)} runs, {args.jobs} at a time, in {root}", flush=True)
+    run_all(jobs, args.jobs)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(rescore, [out for _, out, _ in jobs.values()]))
+    results = {key: test_metrics(out) for key, (_, out, _) in jobs.items()}
+    refs = references({(k[0][len("single-"):], k[1]): v for k, v in results.items() if k[0].startswith("single-")},
+                      TASKS, args.seeds)
+    single = sum(model_gflops(out, 96, 128) for key, (_, out, _) in jobs.items()
+                 if key[0].startswith("single-") and key[1] == args.seeds[0])
+    print("\n" + header("model", TASKS))
+    cells = " | ".join(f"{refs[t][next(iter(refs[t]))]:.4g}" for t in TASKS)
+    print(f"| single-task networks (4, summed) | 0 (reference) | {cells} | — | {single:.2f} |")
+    for name, (_, folder) in ROWS.items():
+        gflops = statistics.mean(model_gflops(root / f"{folder}-s{s}", 96, 128) for s in args.seeds)
+        print(row(name, [results[(name, s)] for s in args.seeds], refs, TASKS, gflops))
+
+
+if __name__ == "__main__":
+    main()
