@@ -15,7 +15,6 @@ decoder at w, no sandwich, no distillation).  Prints the markdown tables and wri
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -25,9 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_optim_quality import TASKS, rescore, run_all, test_metrics  # noqa: E402
-from bench_regularizer3d import single_jobs  # noqa: E402
-from safe_mtl_table import primary_and_direction, references  # noqa: E402
+from safe_mtl_table import TASKS, primary_and_direction, seeds_parser, single_jobs, train_and_score  # noqa: E402
 
 from mtvision.metrics.delta import delta_m  # noqa: E402
 from mtvision.tasks import get_task  # noqa: E402
@@ -89,25 +86,14 @@ def plot(points: dict[str, list[tuple[float, list[float]]]], path: Path) -> None
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--out", default="runs/optim_quality")
-    args = parser.parse_args()
+    args = seeds_parser(__doc__).parse_args()
     root = Path(args.out)
     jobs = single_jobs(root, args.seeds)
     for s in args.seeds:
         jobs[("controllable", s)] = ([*CONTROLLABLE, f"train.seed={s}"], root / f"controllable-s{s}", CONFIG)
         for w in WIDTHS:
             jobs[(f"slim {w:g}", s)] = ([*slim(w), f"train.seed={s}"], root / f"slim-w{w:g}-s{s}", CONFIG)
-    print(f"{len(jobs)} runs, {args.jobs} at a time, in {root}", flush=True)
-    run_all(jobs, args.jobs)
-    plain = [out for key, (_, out, _) in jobs.items() if key[0] != "controllable"]
-    with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(rescore, plain))
-    results = {key: test_metrics(out) for key, (_, out, _) in jobs.items()}
-    refs = references({(k[0][len("single-"):], k[1]): v for k, v in results.items() if k[0].startswith("single-")},
-                      TASKS, args.seeds)
+    results, refs = train_and_score(jobs, args.jobs, args.seeds, rescored=lambda key: key[0] != "controllable")
     refs_path = root / "controllable-references.json"
     refs_path.write_text(json.dumps(refs, indent=2))
     with ThreadPoolExecutor(args.jobs) as pool:

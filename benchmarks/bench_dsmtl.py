@@ -11,16 +11,13 @@ depends on the stages each seed's search kept).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_optim_quality import CONFIG, DECODERS, TASKS, rescore, run_all, test_metrics  # noqa: E402
-from bench_regularizer3d import single_jobs  # noqa: E402
-from safe_mtl_table import header, model_gflops, references, row  # noqa: E402
+from bench_optim_quality import CONFIG, DECODERS  # noqa: E402
+from safe_mtl_table import TASKS, header, model_gflops, row, seeds_parser, single_jobs, train_and_score  # noqa: E402
 
 ROWS = {  # name -> (overrides, run folder prefix)
     "HPS": (DECODERS["HPS"], "EW"),
@@ -31,23 +28,13 @@ ROWS = {  # name -> (overrides, run folder prefix)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--out", default="runs/optim_quality")
-    args = parser.parse_args()
+    args = seeds_parser(__doc__).parse_args()
     root = Path(args.out)
     jobs = single_jobs(root, args.seeds)
     for name, (overrides, folder) in ROWS.items():
         for s in args.seeds:
             jobs[(name, s)] = ([*overrides, f"train.seed={s}"], root / f"{folder}-s{s}", CONFIG)
-    print(f"{len(jobs)} runs, {args.jobs} at a time, in {root}", flush=True)
-    run_all(jobs, args.jobs)
-    with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(rescore, [out for _, out, _ in jobs.values()]))
-    results = {key: test_metrics(out) for key, (_, out, _) in jobs.items()}
-    refs = references({(k[0][len("single-"):], k[1]): v for k, v in results.items() if k[0].startswith("single-")},
-                      TASKS, args.seeds)
+    results, refs = train_and_score(jobs, args.jobs, args.seeds)
     single = sum(model_gflops(out, 96, 128) for key, (_, out, _) in jobs.items()
                  if key[0].startswith("single-") and key[1] == args.seeds[0])
     print("\n" + header("model", TASKS))

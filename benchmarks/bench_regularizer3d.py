@@ -10,14 +10,11 @@ against the seed-matched single-task runs of that benchmark; GFLOPs of the saved
 
 from __future__ import annotations
 
-import argparse
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_optim_quality import TASKS, rescore, run_all, test_metrics  # noqa: E402
-from safe_mtl_table import header, model_gflops, references, row  # noqa: E402
+from safe_mtl_table import TASKS, header, model_gflops, row, seeds_parser, single_jobs, train_and_score  # noqa: E402
 
 INVPT = ["model.decoder=invpt", "model.decoder_options={task_channels: 128, prediction_channels: 32}"]
 REG = ["model.regularizer3d={channels: 32, hidden: 64, samples: 32, near: 0.1, far: 10.0}"]
@@ -29,21 +26,8 @@ ROWS = {  # name -> (config, overrides, run folder prefix)
 }
 
 
-def single_jobs(root: Path, seeds: list[int]) -> dict:
-    jobs = {}
-    for s in seeds:
-        for t in TASKS:
-            weights = "{edge: 50.0}" if t == "edge" else "{}"
-            jobs[(f"single-{t}", s)] = ([f"data.tasks=[{t}]", f"optim.loss_weights={weights}", f"train.seed={s}"],
-                                        root / f"single-{t}-s{s}", ROWS["HPS"][0])
-    return jobs
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--out", default="runs/optim_quality")
+    parser = seeds_parser(__doc__)
     parser.add_argument("--rows", nargs="+", default=list(ROWS), help="names from ROWS (default: all)")
     args = parser.parse_args()
     root = Path(args.out)
@@ -52,13 +36,7 @@ def main() -> None:
         config, overrides, folder = ROWS[name]
         for s in args.seeds:
             jobs[(name, s)] = ([*overrides, f"train.seed={s}"], root / f"{folder}-s{s}", config)
-    print(f"{len(jobs)} runs, {args.jobs} at a time, in {root}", flush=True)
-    run_all(jobs, args.jobs)
-    with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(rescore, [out for _, out, _ in jobs.values()]))
-    results = {key: test_metrics(out) for key, (_, out, _) in jobs.items()}
-    refs = references({(k[0][len("single-"):], k[1]): v for k, v in results.items() if k[0].startswith("single-")},
-                      TASKS, args.seeds)
+    results, refs = train_and_score(jobs, args.jobs, args.seeds)
     print("\n" + header("model", TASKS))
     for name in args.rows:
         gflops = model_gflops(root / f"{ROWS[name][2]}-s{args.seeds[0]}", 96, 128)

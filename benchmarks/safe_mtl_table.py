@@ -4,16 +4,56 @@ below single-task, and inference GFLOPs per image of a finished run's saved mode
 
 from __future__ import annotations
 
+import argparse
 import statistics
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from mtvision.metrics.delta import delta_m
-from mtvision.tasks import get_task
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_optim_quality import CONFIG, TASKS, rescore, run_all, test_metrics  # noqa: E402
+
+from mtvision.metrics.delta import delta_m  # noqa: E402
+from mtvision.tasks import get_task  # noqa: E402
 
 Metrics = Mapping[str, Mapping[str, float]]
+
+
+def seeds_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options every issue-19 benchmark takes: --seeds, --jobs, --out."""
+    parser = argparse.ArgumentParser(description=doc)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--out", default="runs/optim_quality")
+    return parser
+
+
+def single_jobs(root: Path, seeds: Sequence[int]) -> dict:
+    """The single-task reference runs of `benchmarks/bench_optim_quality.py` (same folders)."""
+    jobs = {}
+    for s in seeds:
+        for t in TASKS:
+            weights = "{edge: 50.0}" if t == "edge" else "{}"
+            jobs[(f"single-{t}", s)] = ([f"data.tasks=[{t}]", f"optim.loss_weights={weights}", f"train.seed={s}"],
+                                        root / f"single-{t}-s{s}", CONFIG)
+    return jobs
+
+
+def train_and_score(jobs: Mapping, workers: int, seeds: Sequence[int],
+                    rescored: Callable[[tuple], bool] = lambda key: True) -> tuple[dict, dict]:
+    """Run (or reuse) every (name, seed) -> (overrides, folder, config) job, score again the test split
+    of those `rescored` picks, and return (results by key, single-task references over `seeds`);
+    `jobs` must hold `single_jobs`."""
+    print(f"{len(jobs)} runs, {workers} at a time", flush=True)
+    run_all(dict(jobs), workers)
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(rescore, [out for key, (_, out, _) in jobs.items() if rescored(key)]))
+    results = {key: test_metrics(out) for key, (_, out, _) in jobs.items()}
+    single = {(k[0][len("single-"):], k[1]): v for k, v in results.items() if k[0].startswith("single-")}
+    return results, references(single, TASKS, seeds)
 
 
 def primary_and_direction(tasks: Sequence[str]) -> tuple[dict[str, str], dict[str, bool]]:
